@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-slow test-all clean
+
+# Pinned set-up (requirements/lock.txt) so installs are fast and reproducible; the package
+# metadata itself stays permissive (torch>=2.4).
+$(STAMP): pyproject.toml requirements/lock.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements/lock.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -m "not slow" -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -m slow -q
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	@echo "dorakit demo: not yet. The training command and its embedded default (SmolLM2 on tweet"
+	@echo "sentiment) arrive with the training issue; the library itself works now, see README.md."
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,195 @@
+"""Put adapters into any ``nn.Module`` and take them out again.
+
+    inject_adapters(model, cfg)   wrap the targets in place, freeze the rest      -> model
+    merge_and_unload(model)       fold adapters in, plain torch modules again      -> model
+    unload(model)                 the untouched base modules back (exact unmerge)  -> model
+    disable_adapters(model)       context: the base model's behaviour, temporarily
+
+Every check runs and every wrapper is built before the model is touched, so an error leaves the
+model exactly as it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .config import DoraConfig
+from .layers import AdapterLayer, wrap_module
+from .modules_to_save import ModulesToSave
+from .targets import find_modules_to_save, find_targets
+
+# Attributes set on the root module by inject_adapters.
+CONFIG_ATTR = "dorakit_config"
+_FLAGS_ATTR = "_dorakit_requires_grad"  # [(parameter, requires_grad before injection)]
+
+
+def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """(path, layer) for every dorakit adapter layer in ``model``."""
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, AdapterLayer)]
+
+
+def _saved_copies(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(p, m) for p, m in model.named_modules() if isinstance(m, ModulesToSave)]
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_path), child, new)
+
+
+def inject_adapters(
+    model: nn.Module, config: DoraConfig, *, adapter_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Wrap the modules ``config`` targets with DoRA (or LoRA) layers, in place.
+
+    Everything but the adapters (and ``modules_to_save`` copies, and biases per ``config.bias``) is
+    frozen. Each magnitude starts at its row norms, so the model's outputs are unchanged.
+
+    Args:
+        model: any torch module (a transformers model, a torchvision net, your own).
+        config: the adapter config.
+        adapter_dtype: dtype of the adapter weights; default fp32 over fp16/bf16 bases, else the base's.
+    Returns:
+        The same ``model`` object, adapted.
+    Raises:
+        ValueError: no target matched, a match has an unsupported type, the model already has
+            adapters, or a hyperparameter is invalid. The model is unchanged.
+
+    Example:
+        >>> model = dorakit.inject_adapters(model, DoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    """
+    if not isinstance(config, DoraConfig):
+        raise TypeError(f"config must be a dorakit.DoraConfig, got {type(config).__name__}.")
+    existing = adapter_layers(model) + _saved_copies(model)
+    if existing:
+        raise ValueError(
+            f"The model already has dorakit adapters ({len(existing)} wrapped modules, e.g. '{existing[0][0]}'). "
+            "Call dorakit.unload(model) or dorakit.merge_and_unload(model) before injecting again."
+        )
+    targets = find_targets(model, config)
+    save_paths = find_modules_to_save(model, config)
+    wrappers = {
+        path: wrap_module(
+            model.get_submodule(path),
+            name=path,
+            fan_in_fan_out=config.fan_in_fan_out,
+            r=config.rank_for(path),
+            lora_alpha=config.alpha_for(path),
+            lora_dropout=config.lora_dropout,
+            use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+            adapter_dtype=adapter_dtype,
+        )
+        for path in targets
+    }
+    copies = {path: ModulesToSave(model.get_submodule(path)) for path in save_paths}
+
+    # From here on nothing can fail: change the model.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for path, new in {**wrappers, **copies}.items():
+        _replace(model, path, new)
+    _freeze_all_but_adapters(model, config.bias)
+    setattr(model, _FLAGS_ATTR, flags)
+    setattr(model, CONFIG_ATTR, config)
+    return model
+
+
+def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for _, layer in adapter_layers(model):
+        for name, param in layer.named_parameters():
+            if not name.startswith("base_layer."):
+                param.requires_grad_(True)
+        layer_bias = layer.bias
+        if bias == "lora_only" and layer_bias is not None:
+            layer_bias.requires_grad_(True)
+    for _, copy in _saved_copies(model):
+        copy.modules_to_save.requires_grad_(True)
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.split(".")[-1] == "bias" and ".original_module." not in f".{name}":
+                param.requires_grad_(True)
+
+
+def _take_out(model: nn.Module, merge: bool) -> nn.Module:
+    for path, layer in adapter_layers(model):
+        if merge:
+            layer.merge()
+        else:
+            layer.unmerge()
+        _replace(model, path, layer.base_layer)
+    for path, copy in _saved_copies(model):
+        _replace(model, path, copy.modules_to_save if merge else copy.original_module)
+    flags = getattr(model, _FLAGS_ATTR, None) or []
+    for param, flag in flags:
+        param.requires_grad_(flag)
+    for attr in (_FLAGS_ATTR, CONFIG_ATTR):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    return model
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base weight and return the model made of plain torch modules
+    (``modules_to_save`` keep their trained copies). Inference then costs exactly the base model's."""
+    return _take_out(model, merge=True)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and give back the original module objects with their original weights
+    (merged layers are unmerged exactly first) and ``requires_grad`` flags."""
+    return _take_out(model, merge=False)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model inside the block: adapters are bypassed (merged ones are unmerged for the
+    block and merged again after it) and ``modules_to_save`` use their originals.
+
+    Example:
+        >>> with dorakit.disable_adapters(model):
+        ...     base_logits = model(input_ids).logits
+    """
+    layers = [layer for _, layer in adapter_layers(model)]
+    copies = [copy for _, copy in _saved_copies(model)]
+    previous = [(m, m.disabled) for m in [*layers, *copies]]
+    was_merged = [layer for layer in layers if layer.merged]
+    try:
+        for layer in was_merged:
+            layer.unmerge()
+        for module, _ in previous:
+            module.disabled = True
+        yield model
+    finally:
+        for module, flag in previous:
+            module.disabled = flag
+        for layer in was_merged:
+            layer.merge()
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; shared parameters are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for param in model.parameters():
+        if id(param) in seen:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+        if param.requires_grad:
+            trainable += param.numel()
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    """Print and return ``trainable params: N || all params: M || trainable%: P`` (PEFT's format)."""
+    trainable, total = trainable_parameters(model)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    print(line)
+    return line

@@ -1,0 +1,56 @@
+"""Adapter wrappers per layer type, and the one place that decides which wrapper a module gets."""
+
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from .base import AdapterLayer, default_adapter_dtype
+from .conv import Conv
+from .embedding import Embedding
+from .linear import Linear, is_conv1d
+
+SUPPORTED_TYPES = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d"
+
+
+def is_supported(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_conv1d(module)
+
+
+def wrap_module(module: nn.Module, *, fan_in_fan_out: bool = False, name: str = "", **kwargs) -> AdapterLayer:
+    """Wrap one supported module. kwargs: r, lora_alpha, lora_dropout, use_dora, use_rslora,
+    init_lora_weights, adapter_dtype (see ``AdapterLayer``).
+
+    The module's type decides the layout, whatever ``fan_in_fan_out`` says; a disagreeing flag is
+    corrected with a warning, as PEFT does.
+    """
+    where = f" ({name})" if name else ""
+    if is_conv1d(module):
+        if not fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out=False but the target{where} is transformers' Conv1D, whose weight is "
+                "[in, out]. Using fan_in_fan_out=True for it.",
+                stacklevel=3,
+            )
+        return Linear(module, fan_in_fan_out=True, **kwargs)
+    if isinstance(module, nn.Linear):
+        if fan_in_fan_out:
+            warnings.warn(
+                f"fan_in_fan_out=True but the target{where} is torch.nn.Linear, whose weight is [out, in]. "
+                "Using fan_in_fan_out=False for it.",
+                stacklevel=3,
+            )
+        return Linear(module, fan_in_fan_out=False, **kwargs)
+    if isinstance(module, nn.Embedding):
+        return Embedding(module, **kwargs)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return Conv(module, **kwargs)
+    raise ValueError(
+        f"Target module{where} of type {type(module).__module__}.{type(module).__name__} is not supported. "
+        f"Supported types: {SUPPORTED_TYPES}. Remove it from target_modules or add it to exclude_modules."
+    )
+
+
+__all__ = ["AdapterLayer", "Conv", "Embedding", "Linear", "SUPPORTED_TYPES", "default_adapter_dtype",
+           "is_conv1d", "is_supported", "wrap_module"]

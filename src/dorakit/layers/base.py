@@ -1,0 +1,304 @@
+"""What every adapted layer shares: the LoRA pair, the DoRA magnitude, forward, merge and unmerge.
+
+    x ──> base_layer ──────────────────────────────┐ base_out = x W0^T + b
+    │                                               v
+    └─> dropout ─> A ─> B ──> * s ──> (+) ──> * g ──> (+ b) ──> y        g = m / ||W0 + s B A||_row
+                                                                           (g = 1 for plain LoRA)
+
+A subclass only says how its base weight looks as a matrix of output rows ([out, in]), how the
+LoRA branch runs on an input, and how a per-channel vector broadcasts over its output. The math
+itself lives in ``dorakit.functional`` so that layers, merge, analysis and benchmarks agree.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F_dora
+
+
+def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters over a half-precision base are kept in fp32 (as PEFT does by default): their updates
+    are tiny relative to the weights and would round away in bf16. Otherwise they follow the base."""
+    if base_dtype in (torch.float16, torch.bfloat16) or not base_dtype.is_floating_point:
+        return torch.float32
+    return base_dtype
+
+
+def _shares_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
+class AdapterLayer(nn.Module):
+    """Base class of dorakit's wrappers. ``use_dora=False`` gives plain LoRA through the same code.
+
+    Attributes:
+        base_layer: the original module, untouched until ``merge()``.
+        r, lora_alpha, scaling: rank, alpha and s = alpha / r (alpha / sqrt(r) with rsLoRA).
+        lora_magnitude_vector: DoRA's trainable magnitude m (PEFT's shape), or None for LoRA.
+        merged: whether the adapter is folded into ``base_layer``'s weight.
+        disabled: when True the layer behaves as ``base_layer`` (see ``dorakit.disable_adapters``).
+    """
+
+    # Subclasses that take integer inputs (embeddings) do not apply dropout, as in PEFT.
+    supports_dropout = True
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        *,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_dora: bool = True,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        adapter_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_hyperparameters(r, lora_alpha, lora_dropout, init_lora_weights)
+        if isinstance(base_layer, AdapterLayer):
+            raise ValueError(
+                f"This {type(base_layer.base_layer).__name__} already has an adapter. Call "
+                "dorakit.unload(model) or dorakit.merge_and_unload(model) before adding another."
+            )
+        self.base_layer = base_layer
+        self.r = r
+        self.lora_alpha = lora_alpha
+        self.use_rslora = use_rslora
+        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.use_dora = use_dora
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 and self.supports_dropout else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self._merged_base_sq: Tensor | None = None  # ||W0_i||^2 while merged: all an exact unmerge needs
+        self._base_sq_cache: tuple[tuple, Tensor] | None = None
+
+        weight = self.base_weight()
+        dtype = adapter_dtype or default_adapter_dtype(weight.dtype)
+        self.create_adapter(r, device=weight.device, dtype=dtype)
+        self.reset_adapter(init_lora_weights)
+        if use_dora:
+            # Identity at init: m = ||W0 + s B A||_row makes W' = W0 exactly when B = 0.
+            norm = self.row_norm()
+            self.lora_magnitude_vector = nn.Parameter(norm.to(dtype).reshape(self.magnitude_shape()))
+        else:
+            self.register_parameter("lora_magnitude_vector", None)
+
+    # ---- what a subclass provides -------------------------------------------------------------
+    def create_adapter(self, r: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        raise NotImplementedError
+
+    def reset_adapter(self, init_lora_weights: bool | str) -> None:
+        raise NotImplementedError
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        """The base weight as [out, in] (a view wherever the layout allows)."""
+        raise NotImplementedError
+
+    def lora_A_rows(self) -> Tensor:
+        """A as [r, in], matching ``weight_rows``."""
+        raise NotImplementedError
+
+    def lora_B_rows(self) -> Tensor:
+        """B as [out, r], matching ``weight_rows``."""
+        raise NotImplementedError
+
+    def lora_forward(self, x: Tensor) -> Tensor:
+        """B(A(x)) without the scaling."""
+        raise NotImplementedError
+
+    def base_forward_without_bias(self, x: Tensor) -> Tensor:
+        """x W0^T with the base layer's own operator, for the dropout path."""
+        raise NotImplementedError
+
+    def channel_view(self, v: Tensor) -> Tensor:
+        """Reshape a per-output-channel vector [out] to broadcast over this layer's output."""
+        return v
+
+    def magnitude_shape(self) -> tuple[int, ...]:
+        """Shape of ``lora_magnitude_vector`` (PEFT's, so state dicts map by key alone)."""
+        return (self.out_features,)
+
+    # ---- shared machinery ---------------------------------------------------------------------
+    def base_weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def weight(self) -> Tensor:
+        # Models sometimes read `.weight` of their submodules (dtype checks, weight tying).
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight_rows(self.base_weight()).shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.weight_rows(self.base_weight()).shape[1]
+
+    def adapter_dtype(self) -> torch.dtype:
+        return self.lora_A_rows().dtype
+
+    def base_sq_norms(self) -> Tensor:
+        """||W0_i||^2 in fp32, cached while the base weight is unchanged (checked by its version
+        counter, as autograd does, so an in-place update of the base invalidates it)."""
+        if self.merged:
+            raise RuntimeError("The base weight holds the merged adapter; unmerge() first.")
+        weight = self.base_weight()
+        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.shape)
+        cached = self._base_sq_cache
+        if cached is not None and cached[0] == key and not (
+            cached[1].is_inference() and not torch.is_inference_mode_enabled()
+        ):
+            return cached[1]
+        with torch.no_grad():
+            rows = self.weight_rows(weight.detach())
+            base_sq = torch.cat(
+                [
+                    torch.linalg.vector_norm(rows[chunk].to(torch.float32), dim=1).square()
+                    for chunk in F_dora.row_chunks(rows.shape[0], rows.shape[1])
+                ]
+            )
+        self._base_sq_cache = (key, base_sq)
+        return base_sq
+
+    def row_norm(self) -> Tensor:
+        """||W0 + s B A||_row, fp32 [out], detached (paper section 4.3)."""
+        weight = self.base_weight().detach()
+        return F_dora.dora_row_norm(
+            self.weight_rows(weight),
+            self.lora_A_rows(),
+            self.lora_B_rows(),
+            self.scaling,
+            base_sq=self.base_sq_norms(),
+        )
+
+    def dora_scale(self) -> Tensor:
+        """g = m / ||W0 + s B A||_row as [out]; gradients reach m, not the norm."""
+        magnitude = self.lora_magnitude_vector.reshape(-1)
+        return magnitude / self.row_norm().to(magnitude.dtype)
+
+    def delta_weight_rows(self) -> Tensor:
+        """s B A as [out, in] (materialised: for inspection and tests, never used by the fast paths)."""
+        return self.scaling * (self.lora_B_rows() @ self.lora_A_rows())
+
+    def cast_input(self, x: Tensor) -> Tensor:
+        if x.is_floating_point():
+            return x.to(self.adapter_dtype())
+        return x
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged:
+            return result
+        x_adapter = self.lora_dropout(self.cast_input(x))
+        lora_out = self.lora_forward(x_adapter)
+        if not self.use_dora:
+            return (result + lora_out * self.scaling).to(result.dtype)
+        scale = self.channel_view(self.dora_scale())
+        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
+        # Without dropout the base output already is x W0^T + b: reuse it (no second base matmul).
+        base_dropped = self.base_forward_without_bias(x_adapter) if dropout_active else None
+        bias = self.bias
+        out = F_dora.dora_compose(
+            result,
+            lora_out,
+            scale,
+            self.scaling,
+            bias=None if bias is None else self.channel_view(bias),
+            base_dropped=base_dropped,
+        )
+        return out.to(result.dtype)
+
+    def _writable_rows(self) -> tuple[Tensor, Tensor]:
+        weight = self.base_weight().detach()
+        return weight, self.weight_rows(weight)
+
+    @staticmethod
+    def _write_back(weight: Tensor, rows: Tensor) -> None:
+        if not _shares_storage(weight, rows):  # the rows were a copy (e.g. a channels-last conv)
+            weight.copy_(rows.reshape(weight.shape))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into the base weight. Idempotent: merging a merged layer does nothing."""
+        if self.merged:
+            return
+        weight, rows = self._writable_rows()
+        terms = F_dora.merge_rows_(
+            rows, self.lora_A_rows(), self.lora_B_rows(), self.scaling, self.lora_magnitude_vector
+        )
+        self._write_back(weight, rows)
+        if self.use_dora:
+            self._merged_base_sq = terms.base_sq
+            turned = int((~F_dora.rotation_ok(terms, self.scaling)).sum())
+            if turned:
+                warnings.warn(
+                    f"{turned} row(s) of this {type(self.base_layer).__name__} were turned by 90 degrees or "
+                    "more by the adapter; unmerge() of those rows is ambiguous. Keep the base weights.",
+                    stacklevel=2,
+                )
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore the base weight exactly. Idempotent: unmerging an unmerged layer does nothing.
+
+        DoRA needs only the base's row norms, recorded by ``merge()`` or given with
+        ``set_merged(base_row_norm)`` after loading a merged checkpoint in another process.
+        """
+        if not self.merged:
+            return
+        weight, rows = self._writable_rows()
+        F_dora.unmerge_rows_(
+            rows,
+            self.lora_A_rows(),
+            self.lora_B_rows(),
+            self.scaling,
+            self.lora_magnitude_vector,
+            self._merged_base_sq,
+        )
+        self._write_back(weight, rows)
+        self._merged_base_sq = None
+        self.merged = False
+
+    def merged_base_row_norm(self) -> Tensor | None:
+        """||W0_i|| (fp32 [out]) while merged with DoRA: store it with a merged checkpoint."""
+        return None if self._merged_base_sq is None else self._merged_base_sq.sqrt()
+
+    def set_merged(self, base_row_norm: Tensor | None) -> None:
+        """Declare that the base weight already holds this adapter merged (a merged checkpoint was
+        loaded), so that ``unmerge()`` can restore the base. DoRA needs the base's row norms."""
+        if self.use_dora:
+            if base_row_norm is None:
+                raise ValueError("A merged DoRA layer needs the base weight's row norms to unmerge.")
+            norm = base_row_norm.detach().to(torch.float32).reshape(-1)
+            if norm.numel() != self.out_features:
+                raise ValueError(f"Expected {self.out_features} base row norms, got {norm.numel()}.")
+            self._merged_base_sq = norm.to(self.base_weight().device).square()
+        self.merged = True
+
+    def extra_repr(self) -> str:
+        kind = "DoRA" if self.use_dora else "LoRA"
+        return f"{kind}: r={self.r}, lora_alpha={self.lora_alpha}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def check_hyperparameters(r: int, lora_alpha: float, lora_dropout: float, init_lora_weights: bool | str) -> None:
+    """Raise ValueError with the fix for values that cannot make a working adapter."""
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"r must be a positive integer (the adapter rank), got {r!r}. Typical values: 4 to 64.")
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float)) or not lora_alpha > 0:
+        raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}. The paper uses lora_alpha = 2 * r.")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)) or not 0 <= lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}. The paper uses 0.05.")
+    if init_lora_weights not in (True, False, "gaussian"):
+        raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}.")
