@@ -43,6 +43,11 @@ def row_chunks(n_rows: int, row_width: int, chunk_elements: int | None = None) -
     return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
 
 
+def _exact_dtype(device: torch.device) -> torch.dtype:
+    """fp64 for the one-off merge/unmerge passes (fp32 where the device has no fp64)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class RowTerms(NamedTuple):
     """The per-row pieces of the factored norm, all fp32 of shape [out]."""
 
@@ -59,6 +64,7 @@ def row_terms(
     *,
     base_sq: Tensor | None = None,
     chunk_elements: int | None = None,
+    compute_dtype: torch.dtype = torch.float32,
 ) -> RowTerms:
     """Compute the three terms of the factored row norm in fp32.
 
@@ -67,18 +73,21 @@ def row_terms(
         lora_A: [r, in].  lora_B: [out, r].
         base_sq: precomputed ||W0_i||^2 ([out], fp32) for a frozen base; computed here if None.
         chunk_elements: bound on the temporary per chunk (default ``CHUNK_ELEMENTS``).
+        compute_dtype: accumulation dtype (fp32; unmerge uses fp64).
     Returns:
-        RowTerms(base_sq, cross, quad), each [out] fp32.
+        RowTerms(base_sq, cross, quad), each [out] in ``compute_dtype``.
     """
     out_features, in_features = weight_rows.shape
-    a32 = lora_A.detach().to(torch.float32)
-    b32 = lora_B.detach().to(torch.float32)
-    wa = torch.empty(out_features, a32.shape[0], dtype=torch.float32, device=weight_rows.device)  # [out, r]
+    a32 = lora_A.detach().to(compute_dtype)
+    b32 = lora_B.detach().to(compute_dtype)
+    wa = torch.empty(out_features, a32.shape[0], dtype=compute_dtype, device=weight_rows.device)  # [out, r]
     need_sq = base_sq is None
     if need_sq:
-        base_sq = torch.empty(out_features, dtype=torch.float32, device=weight_rows.device)
+        base_sq = torch.empty(out_features, dtype=compute_dtype, device=weight_rows.device)
+    else:
+        base_sq = base_sq.to(compute_dtype)
     for rows in row_chunks(out_features, in_features, chunk_elements):
-        chunk = weight_rows[rows].to(torch.float32)  # [rows, in]; a view when the base is fp32
+        chunk = weight_rows[rows].to(compute_dtype)  # [rows, in]; a view when the base is already in it
         torch.matmul(chunk, a32.T, out=wa[rows])
         if need_sq:
             base_sq[rows] = torch.linalg.vector_norm(chunk, dim=1).square()
@@ -169,29 +178,26 @@ def merge_rows_(
     LoRA (magnitude None): W <- W0 + s*B@A.  DoRA: W <- (m / ||W0 + s*B@A||)[:, None] * (W0 + s*B@A).
 
     Returns:
-        The factored terms of the pre-merge weight. Their ``base_sq`` (||W0_i||^2, fp32 [out]) is all
-        that, with the adapter, undoes the merge exactly at any later time, in any process (see
-        ``unmerge_rows_``); ``rotation_ok(terms, scaling)`` says whether that undo is unambiguous.
+        The factored terms of the pre-merge weight (fp64 [out] each). With the adapter,
+        ``norm_from_terms(terms, scaling)`` (or ``terms.base_sq``) is all that undoes the merge exactly
+        at any later time, in any process: see ``unmerge_rows_``.
     """
     out_features, in_features = weight_rows.shape
-    a32 = lora_A.detach().to(torch.float32)
-    b32 = lora_B.detach().to(torch.float32)
-    terms = row_terms(weight_rows, a32, b32, chunk_elements=chunk_elements)
+    # A merge is a one-off, so it works in fp64: the merged rows then have norm |m_i| to the last
+    # bit of the stored dtype, which is what makes the later unmerge exact.
+    work = _exact_dtype(weight_rows.device)
+    a64 = lora_A.detach().to(work)
+    b64 = lora_B.detach().to(work)
+    terms = row_terms(weight_rows, a64, b64, chunk_elements=chunk_elements, compute_dtype=work)
     factor = None
     if magnitude is not None:
-        factor = magnitude.detach().reshape(-1).to(torch.float32) / norm_from_terms(terms, scaling)
+        factor = magnitude.detach().reshape(-1).to(work) / norm_from_terms(terms, scaling)
     for rows in row_chunks(out_features, in_features, chunk_elements):
-        new = torch.addmm(weight_rows[rows].to(torch.float32), b32[rows], a32, alpha=scaling)  # [rows, in]
+        new = torch.addmm(weight_rows[rows].to(work), b64[rows], a64, alpha=scaling)  # [rows, in]
         if factor is not None:
             new.mul_(factor[rows, None])
         weight_rows[rows] = new.to(weight_rows.dtype)
     return terms
-
-
-def unmerge_blocked_rows(magnitude: Tensor, base_sq: Tensor) -> Tensor:
-    """Rows that cannot be unmerged: zero magnitude (their direction was multiplied away) but a
-    non-zero base row. Boolean [out]."""
-    return (magnitude.detach().reshape(-1) == 0) & (base_sq > 0)
 
 
 @torch.no_grad()
@@ -201,62 +207,91 @@ def unmerge_rows_(
     lora_B: Tensor,
     scaling: float,
     magnitude: Tensor | None = None,
-    base_sq: Tensor | None = None,
     *,
+    merge_norm: Tensor | None = None,
+    base_sq: Tensor | None = None,
+    turned: Tensor | None = None,
     chunk_elements: int | None = None,
 ) -> None:
-    """Undo ``merge_rows_`` in place from the merged weight, the adapter and ||W0_i||^2 alone.
+    """Undo ``merge_rows_`` in place from the merged weight, the adapter and one [out] vector.
 
-    Row i of a DoRA-merged weight has norm |m_i|, so u_i = W_i / m_i is the unit direction of
-    W0_i + dW_i (dW = s*B@A) and W0_i + dW_i = c_i * u_i, where c_i = ||W0_i + dW_i|| solves
-        c^2 - 2c (u_i . dW_i) + ||dW_i||^2 - ||W0_i||^2 = 0.
-    We take the root c = p + sqrt(p^2 - ||dW_i||^2 + ||W0_i||^2), p = u_i . dW_i, which is the true
-    one whenever the adapter turned the row by less than 90 degrees (u_i . W0_i >= 0); ``merge``
-    checks that (``rotation_ok``). Both p and ||dW_i||^2 come in factored form: no [out, in]
-    temporary, no cache of the pre-merge weight.
+    Row i of a DoRA-merged weight is W_i = (m_i / n_i) (W0_i + dW_i), dW = s*B@A, n_i its pre-merge
+    row norm. Nothing from the merging process's memory is needed, only one of:
+
+    - ``merge_norm`` (n, from ``merge_rows_``): W0_i = W_i * n_i / m_i - dW_i. Exact to the storage
+      rounding of W. If ``base_sq`` is given too, the rows' recovered norms are checked against it,
+      which catches an adapter that is not the one that was merged.
+    - ``base_sq`` (||W0_i||^2) alone: u_i = W_i / m_i is the unit direction of W0_i + dW_i, and
+      c_i = ||W0_i + dW_i|| solves c^2 - 2c p_i + ||dW_i||^2 - ||W0_i||^2 = 0 with p_i = u_i . dW_i.
+      The + root is the true one when the adapter turned the row by less than 90 degrees;
+      ``turned`` marks the rows where it did not. Less well conditioned when ||dW_i|| >> ||W0_i||.
+
+    p_i and ||dW_i||^2 come in factored form, so there is no [out, in] temporary; fp64 throughout,
+    as an unmerge is rare and the subtraction cancels.
 
     Raises:
-        ValueError: DoRA without ``base_sq``, or rows with zero magnitude whose base row was not zero.
+        ValueError: DoRA with neither vector, rows with zero magnitude (their direction is gone),
+            or an adapter that does not match the merged weight. The weight is unchanged then.
     """
     out_features, in_features = weight_rows.shape
-    a32 = lora_A.detach().to(torch.float32)
-    b32 = lora_B.detach().to(torch.float32)
-    ratio = None
+    work = _exact_dtype(weight_rows.device)
+    a64 = lora_A.detach().to(work)
+    b64 = lora_B.detach().to(work)
+    ratio = keep = None
     if magnitude is not None:
-        if base_sq is None:
+        if merge_norm is None and base_sq is None:
             raise ValueError(
-                "Unmerging a DoRA layer needs the squared row norms of the base weight "
-                "(returned by merge_rows_ and saved with merged checkpoints)."
+                "Unmerging a DoRA layer needs the pre-merge row norms (merge_norm) or the base weight's "
+                "squared row norms (base_sq), both returned by merge_rows_ and saved with merged checkpoints."
             )
-        m = magnitude.detach().reshape(-1).to(torch.float32)
-        blocked = unmerge_blocked_rows(m, base_sq)
+        m = magnitude.detach().reshape(-1).to(work)
+        safe_m = torch.where(m == 0, torch.ones_like(m), m)
+        terms = row_terms(weight_rows, a64, b64, base_sq=torch.zeros_like(m), chunk_elements=chunk_elements,
+                          compute_dtype=work)
+        p = scaling * terms.cross / safe_m  # u_i . dW_i, as (W_merged @ A^T)_i / m_i dotted with s*B_i
+        delta_sq = (scaling * scaling) * terms.quad
+        if merge_norm is not None:
+            c = merge_norm.reshape(-1).to(work)
+            if base_sq is not None:
+                _check_recovered_norms(c * c - 2 * c * p + delta_sq, base_sq.to(work))
+        else:
+            root = (p * p - delta_sq + base_sq.to(work)).clamp_min(0.0).sqrt()
+            if turned is not None:
+                root = torch.where(turned.to(root.device), -root, root)
+            c = p + root
+        zero_base = (base_sq.to(work) == 0) if base_sq is not None else torch.zeros_like(m, dtype=torch.bool)
+        blocked = (m == 0) & ~zero_base
         if bool(blocked.any()):
             raise ValueError(
                 f"Cannot unmerge: {int(blocked.sum())} row(s) have magnitude 0, so the merged weight no "
                 "longer holds their direction. Reload the base weights instead of unmerging."
             )
-        safe_m = torch.where(m == 0, torch.ones_like(m), m)
-        # (W_merged @ A^T)_i / m_i gives u_i @ A^T; dot with s*B_i gives p_i.
-        terms = row_terms(weight_rows, a32, b32, base_sq=base_sq, chunk_elements=chunk_elements)
-        p = scaling * terms.cross / safe_m
-        delta_sq = (scaling * scaling) * terms.quad
-        c = p + (p * p - delta_sq + base_sq).clamp_min(0.0).sqrt()
-        ratio = torch.where(base_sq > 0, c / safe_m, torch.zeros_like(c))
+        ratio = torch.where(zero_base, torch.zeros_like(c), c / safe_m)
+        keep = (~zero_base).to(work)  # a zero base row stays exactly zero
     for rows in row_chunks(out_features, in_features, chunk_elements):
-        merged = weight_rows[rows].to(torch.float32)  # [rows, in]
+        merged = weight_rows[rows].to(work)  # [rows, in]
         if ratio is not None:
             merged = merged * ratio[rows, None]
-        new = torch.addmm(merged, b32[rows], a32, alpha=-scaling)
-        if ratio is not None:
-            # A zero base row stays exactly zero (its merged row was 0 * direction).
-            new.mul_((base_sq[rows] > 0).to(new.dtype)[:, None])
+        new = torch.addmm(merged, b64[rows], a64, alpha=-scaling)
+        if keep is not None:
+            new.mul_(keep[rows, None])
         weight_rows[rows] = new.to(weight_rows.dtype)
+
+
+def _check_recovered_norms(recovered_sq: Tensor, base_sq: Tensor, rtol: float = 1e-3) -> None:
+    scale = base_sq.max().clamp_min(torch.finfo(torch.float32).tiny)
+    bad = (recovered_sq - base_sq).abs() > rtol * (base_sq + 1e-3 * scale)
+    if bool(bad.any()):
+        raise ValueError(
+            f"This adapter does not match the merged weight: {int(bad.sum())} of {bad.numel()} rows would not "
+            "come back to the base weight's row norms. Unmerge with the adapter that was merged."
+        )
 
 
 def rotation_ok(terms: RowTerms, scaling: float) -> Tensor:
     """Rows whose merged direction is within 90 degrees of W0_i: (W0_i + dW_i) . W0_i >= 0.
 
-    For these rows ``unmerge_rows_`` picks the right root. The test costs nothing: the dot product
-    is ||W0_i||^2 + s * cross_i, both already computed for the norm.
+    ``unmerge_rows_`` takes the other root for the rest (its ``turned`` argument). The test costs
+    nothing: the dot product is ||W0_i||^2 + s * cross_i, both already computed for the norm.
     """
     return terms.base_sq + scaling * terms.cross >= 0

@@ -13,7 +13,6 @@ itself lives in ``dorakit.functional`` so that layers, merge, analysis and bench
 from __future__ import annotations
 
 import math
-import warnings
 
 import torch
 from torch import Tensor, nn
@@ -75,7 +74,10 @@ class AdapterLayer(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 and self.supports_dropout else nn.Identity()
         self.merged = False
         self.disabled = False
-        self._merged_base_sq: Tensor | None = None  # ||W0_i||^2 while merged: all an exact unmerge needs
+        # While merged (DoRA): the pre-merge row norms ||W0 + sBA||_row, which undo the merge exactly,
+        # and ||W0||_row, which checks that undo. Both are [out] vectors that files can carry.
+        self._merged_norm: Tensor | None = None
+        self._merged_base_norm: Tensor | None = None
         self._base_sq_cache: tuple[tuple, Tensor] | None = None
 
         weight = self.base_weight()
@@ -239,22 +241,16 @@ class AdapterLayer(nn.Module):
         )
         self._write_back(weight, rows)
         if self.use_dora:
-            self._merged_base_sq = terms.base_sq
-            turned = int((~F_dora.rotation_ok(terms, self.scaling)).sum())
-            if turned:
-                warnings.warn(
-                    f"{turned} row(s) of this {type(self.base_layer).__name__} were turned by 90 degrees or "
-                    "more by the adapter; unmerge() of those rows is ambiguous. Keep the base weights.",
-                    stacklevel=2,
-                )
+            self._merged_norm = F_dora.norm_from_terms(terms, self.scaling)
+            self._merged_base_norm = terms.base_sq.sqrt()
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore the base weight exactly. Idempotent: unmerging an unmerged layer does nothing.
 
-        DoRA needs only the base's row norms, recorded by ``merge()`` or given with
-        ``set_merged(base_row_norm)`` after loading a merged checkpoint in another process.
+        DoRA needs only the row norms recorded by ``merge()``, or given with ``set_merged`` after a
+        merged checkpoint was loaded in another process: no copy of the old weight is kept.
         """
         if not self.merged:
             return
@@ -265,27 +261,39 @@ class AdapterLayer(nn.Module):
             self.lora_B_rows(),
             self.scaling,
             self.lora_magnitude_vector,
-            self._merged_base_sq,
+            merge_norm=self._merged_norm,
+            base_sq=None if self._merged_base_norm is None else self._merged_base_norm.square(),
         )
         self._write_back(weight, rows)
-        self._merged_base_sq = None
+        self._merged_norm = self._merged_base_norm = None
         self.merged = False
 
-    def merged_base_row_norm(self) -> Tensor | None:
-        """||W0_i|| (fp32 [out]) while merged with DoRA: store it with a merged checkpoint."""
-        return None if self._merged_base_sq is None else self._merged_base_sq.sqrt()
+    def merged_row_norms(self) -> dict[str, Tensor]:
+        """While merged with DoRA: ``{"row_norm": ||W0 + sBA||_row, "base_row_norm": ||W0||_row}``,
+        fp32 [out] each, to store with a merged checkpoint; empty otherwise."""
+        if self._merged_norm is None:
+            return {}
+        return {"row_norm": self._merged_norm.float(), "base_row_norm": self._merged_base_norm.float()}
 
-    def set_merged(self, base_row_norm: Tensor | None) -> None:
+    def set_merged(self, row_norm: Tensor | None = None, base_row_norm: Tensor | None = None) -> None:
         """Declare that the base weight already holds this adapter merged (a merged checkpoint was
-        loaded), so that ``unmerge()`` can restore the base. DoRA needs the base's row norms."""
+        loaded), so that ``unmerge()`` can restore the base. DoRA needs ``row_norm`` or
+        ``base_row_norm`` from ``merged_row_norms()`` of the process that merged (both is best:
+        the second then checks the first)."""
         if self.use_dora:
-            if base_row_norm is None:
-                raise ValueError("A merged DoRA layer needs the base weight's row norms to unmerge.")
-            norm = base_row_norm.detach().to(torch.float32).reshape(-1)
-            if norm.numel() != self.out_features:
-                raise ValueError(f"Expected {self.out_features} base row norms, got {norm.numel()}.")
-            self._merged_base_sq = norm.to(self.base_weight().device).square()
+            if row_norm is None and base_row_norm is None:
+                raise ValueError("A merged DoRA layer needs the row norms saved at merge time to unmerge.")
+            device = self.base_weight().device
+            self._merged_norm, self._merged_base_norm = (
+                None if v is None else self._check_vector(v).to(device) for v in (row_norm, base_row_norm)
+            )
         self.merged = True
+
+    def _check_vector(self, v: Tensor) -> Tensor:
+        v = v.detach().reshape(-1).to(torch.float64)
+        if v.numel() != self.out_features:
+            raise ValueError(f"Expected {self.out_features} row norms for this layer, got {v.numel()}.")
+        return v
 
     def extra_repr(self) -> str:
         kind = "DoRA" if self.use_dora else "LoRA"

@@ -1,0 +1,218 @@
+"""Golden numbers and properties of the DoRA math (dorakit.functional)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dorakit import functional as F
+
+from .conftest import rel_err
+
+W0 = torch.tensor([[3.0, 4.0], [0.0, 0.0]])  # row 1 is a zero row, as in real checkpoints
+A = torch.tensor([[1.0, 0.0]])  # [r=1, in=2]
+B = torch.tensor([[1.0], [0.0]])  # [out=2, r=1]
+
+
+def test_golden_factored_norm():
+    # W0 + 1 * B @ A = [[4, 4], [0, 0]]: row norms sqrt(32) and 0 (clamped, never NaN).
+    norm = F.dora_row_norm(W0, A, B, 1.0)
+    assert norm[0].item() == pytest.approx(math.sqrt(32), rel=1e-7)
+    assert norm[1].item() == pytest.approx(F.NORM_EPS, rel=1e-6)
+    terms = F.row_terms(W0, A, B)
+    assert terms.base_sq.tolist() == [25.0, 0.0]
+    assert terms.cross.tolist() == [3.0, 0.0]  # B_0 . (W0 @ A^T)_0 = 1 * 3
+    assert terms.quad.tolist() == [1.0, 0.0]  # ||(B @ A)_0||^2
+
+
+def test_golden_scaling_enters_squared():
+    # s = 2: [[5, 4], [0, 0]] -> sqrt(41)
+    assert F.dora_row_norm(W0, A, B, 2.0)[0].item() == pytest.approx(math.sqrt(41), rel=1e-7)
+
+
+def test_golden_compose_equals_merged_weight():
+    m = torch.tensor([5.0, 0.0])
+    g = m / F.dora_row_norm(W0, A, B, 1.0)
+    x = torch.tensor([[1.0, 1.0]])
+    y = F.dora_compose(x @ W0.T, x @ A.T @ B.T, g, 1.0)
+    # by hand: row 0 = 5 / sqrt(32) * (7 + 1); row 1 = 0 (zero row, zero magnitude: no NaN)
+    assert y.tolist()[0] == pytest.approx([5 / math.sqrt(32) * 8, 0.0], rel=1e-6)
+    merged = W0.clone()
+    F.merge_rows_(merged, A, B, 1.0, m)
+    assert merged.tolist()[0] == pytest.approx([5 / math.sqrt(32) * 4] * 2, rel=1e-6)
+    assert merged[1].tolist() == [0.0, 0.0]
+    assert (x @ merged.T).tolist()[0] == pytest.approx(y.tolist()[0], rel=1e-6)
+
+
+def test_golden_bias_is_not_scaled():
+    g = torch.tensor([2.0, 3.0])
+    b = torch.tensor([10.0, 20.0])
+    base_out = torch.tensor([[1.0, 1.0]]) + b
+    y = F.dora_compose(base_out, torch.zeros(1, 2), g, 1.0, bias=b)
+    assert y.tolist() == [[12.0, 23.0]]
+
+
+def test_compose_with_dropout_form():
+    # y = base(x) + (g - 1) x'W0^T + g s lora(x'); equals g (x W0^T + s lora) + b when x' = x.
+    torch.manual_seed(0)
+    xw, lora, g, b = torch.randn(3, 4), torch.randn(3, 4), torch.rand(4) + 0.5, torch.randn(4)
+    reuse = F.dora_compose(xw + b, lora, g, 0.5, bias=b)
+    second = F.dora_compose(xw + b, lora, g, 0.5, bias=b, base_dropped=xw)
+    assert rel_err(reuse, second) < 1e-6
+
+
+def test_merge_then_unmerge_is_exact_without_cache():
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 48)
+    a, b = torch.randn(8, 48) * 0.1, torch.randn(64, 8) * 0.1
+    m = F.dora_row_norm(w0, a, b, 2.0) * (1 + 0.3 * torch.randn(64))
+    w = w0.clone()
+    terms = F.merge_rows_(w, a, b, 2.0, m)
+    assert rel_err(w, w0) > 1e-2  # the merge changed something
+    # Only the merged weight, the adapter and ||W0_i||^2 go in: nothing cached from the merge.
+    norm = F.norm_from_terms(terms, 2.0)
+    for kwargs in (dict(merge_norm=norm), dict(base_sq=terms.base_sq), dict(merge_norm=norm, base_sq=terms.base_sq)):
+        again = w.clone()
+        F.unmerge_rows_(again, a, b, 2.0, m, **kwargs)
+        assert rel_err(again, w0) < 1e-6
+
+
+def test_unmerge_with_a_different_adapter_is_refused():
+    torch.manual_seed(5)
+    w0, a, b = torch.randn(8, 6), torch.randn(2, 6), torch.randn(8, 2) * 0.3
+    m = F.dora_row_norm(w0, a, b, 1.0)
+    w = w0.clone()
+    terms = F.merge_rows_(w, a, b, 1.0, m)
+    before = w.clone()
+    with pytest.raises(ValueError, match="does not match"):
+        F.unmerge_rows_(w, a, b * 1.5, 1.0, m, merge_norm=F.norm_from_terms(terms, 1.0), base_sq=terms.base_sq)
+    assert torch.equal(w, before)
+
+
+def test_unmerge_handles_zero_rows_and_negative_magnitude():
+    torch.manual_seed(1)
+    w0 = torch.randn(6, 5)
+    w0[2] = 0
+    a, b = torch.randn(2, 5), torch.randn(6, 2) * 0.05
+    m = F.dora_row_norm(w0, a, b, 1.0)
+    m[4] = -m[4]  # training can flip a magnitude's sign
+    w = w0.clone()
+    terms = F.merge_rows_(w, a, b, 1.0, m)
+    F.unmerge_rows_(w, a, b, 1.0, m, base_sq=terms.base_sq)
+    assert torch.isfinite(w).all()
+    assert rel_err(w, w0) < 1e-6
+    assert w[2].abs().max().item() == 0.0
+
+
+def test_unmerge_refuses_zero_magnitude_rows():
+    w0 = torch.randn(3, 4)
+    a, b = torch.randn(1, 4), torch.zeros(3, 1)
+    m = torch.tensor([1.0, 0.0, 1.0])
+    w = w0.clone()
+    terms = F.merge_rows_(w, a, b, 1.0, m)
+    before = w.clone()
+    with pytest.raises(ValueError, match="magnitude 0"):
+        F.unmerge_rows_(w, a, b, 1.0, m, merge_norm=F.norm_from_terms(terms, 1.0), base_sq=terms.base_sq)
+    assert torch.equal(w, before)  # nothing changed
+
+
+def test_rotation_check_flags_rows_turned_past_90_degrees():
+    w0 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    a = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[-3.0], [0.0]])  # row 0 becomes [-2, 0]: turned by 180 degrees
+    ok = F.rotation_ok(F.row_terms(w0, a, b), 1.0)
+    assert ok.tolist() == [False, True]
+
+
+def test_lora_merge_unmerge_roundtrip():
+    torch.manual_seed(2)
+    w0 = torch.randn(16, 12)
+    a, b = torch.randn(4, 12), torch.randn(16, 4)
+    w = w0.clone()
+    F.merge_rows_(w, a, b, 0.5)
+    assert rel_err(w, w0 + 0.5 * b @ a) < 1e-6
+    F.unmerge_rows_(w, a, b, 0.5)
+    assert rel_err(w, w0) < 1e-6
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the element count of every tensor an op returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("base_dtype", [torch.float32, torch.bfloat16])
+def test_norm_and_merge_never_build_an_out_by_in_temporary(base_dtype):
+    out_f, in_f, r = 96, 320, 8
+    w0 = torch.randn(out_f, in_f).to(base_dtype)
+    a, b = torch.randn(r, in_f), torch.randn(out_f, r)
+    bound = 4 * in_f  # four rows per chunk
+    with _LargestTensor() as probe:
+        F.dora_row_norm(w0, a, b, 2.0, chunk_elements=bound)
+    assert probe.largest <= max(bound, out_f * r, r * in_f) < out_f * in_f
+    with _LargestTensor() as probe:
+        F.merge_rows_(w0, a, b, 2.0, torch.ones(out_f), chunk_elements=bound)
+    assert probe.largest <= max(bound, out_f * r, r * in_f) < out_f * in_f
+
+
+def test_chunked_equals_unchunked():
+    torch.manual_seed(3)
+    w0, a, b = torch.randn(37, 29), torch.randn(5, 29), torch.randn(37, 5)
+    whole = F.dora_row_norm(w0, a, b, 1.5)
+    for chunk in (1, 29, 30, 100, 10_000):
+        assert rel_err(F.dora_row_norm(w0, a, b, 1.5, chunk_elements=chunk), whole) < 1e-7
+
+
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    out_f=st.integers(1, 48),
+    in_f=st.integers(1, 48),
+    r=st.integers(1, 9),
+    scaling=st.floats(0.01, 8.0),
+    dtype=st.sampled_from(DTYPES),
+    chunk=st.integers(1, 3000),
+    seed=st.integers(0, 2**16),
+)
+def test_factored_norm_equals_direct_norm(out_f, in_f, r, scaling, dtype, chunk, seed):
+    gen = torch.Generator().manual_seed(seed)
+    w0 = torch.randn(out_f, in_f, generator=gen).to(dtype)
+    a = (torch.randn(r, in_f, generator=gen) / math.sqrt(in_f)).to(dtype)
+    b = (torch.randn(out_f, r, generator=gen) * 0.3).to(dtype)
+    factored = F.dora_row_norm(w0, a, b, scaling, chunk_elements=chunk)
+    exact = torch.linalg.vector_norm(w0.double() + scaling * (b.double() @ a.double()), dim=1)
+    assert factored.dtype == torch.float32
+    # Both sides see the same (rounded) inputs; the factored form accumulates in fp32.
+    assert rel_err(factored, exact) < 1e-5
+
+
+def test_unmerge_is_exact_for_rows_turned_past_90_degrees():
+    w0 = torch.tensor([[1.0, 0.5], [0.0, 1.0]])
+    a = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[-3.0], [0.2]])  # row 0 flips direction
+    m = torch.tensor([0.7, 1.3])
+    w = w0.clone()
+    terms = F.merge_rows_(w, a, b, 1.0, m)
+    turned = ~F.rotation_ok(terms, 1.0)
+    assert turned.tolist() == [True, False]
+    wrong = w.clone()
+    F.unmerge_rows_(wrong, a, b, 1.0, m, base_sq=terms.base_sq)  # without the flag: the other root
+    assert rel_err(wrong, w0) > 0.1
+    F.unmerge_rows_(w, a, b, 1.0, m, base_sq=terms.base_sq, turned=turned)
+    assert rel_err(w, w0) < 1e-6
