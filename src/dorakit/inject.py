@@ -59,8 +59,9 @@ def inject_adapters(
         ValueError: no target matched, a match has an unsupported type, the model already has
             adapters, or a hyperparameter is invalid. The model is unchanged.
 
-    Example:
-        >>> model = dorakit.inject_adapters(model, DoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    Example::
+
+        model = dorakit.inject_adapters(model, DoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
     """
     if not isinstance(config, DoraConfig):
         raise TypeError(f"config must be a dorakit.DoraConfig, got {type(config).__name__}.")
@@ -152,9 +153,10 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model inside the block: adapters are bypassed (merged ones are unmerged for the
     block and merged again after it) and ``modules_to_save`` use their originals.
 
-    Example:
-        >>> with dorakit.disable_adapters(model):
-        ...     base_logits = model(input_ids).logits
+    Example::
+
+        with dorakit.disable_adapters(model):
+            base_logits = model(input_ids).logits
     """
     layers = [layer for _, layer in adapter_layers(model)]
     copies = [copy for _, copy in _saved_copies(model)]

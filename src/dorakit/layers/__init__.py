@@ -26,6 +26,11 @@ def wrap_module(module: nn.Module, *, fan_in_fan_out: bool = False, name: str = 
     corrected with a warning, as PEFT does.
     """
     where = f" ({name})" if name else ""
+    if isinstance(module, AdapterLayer):
+        raise ValueError(
+            f"Module{where} already has an adapter. Call dorakit.unload(model) or dorakit.merge_and_unload(model) "
+            "before adding another."
+        )
     if is_conv1d(module):
         if not fan_in_fan_out:
             warnings.warn(
