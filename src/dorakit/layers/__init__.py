@@ -31,22 +31,16 @@ def wrap_module(module: nn.Module, *, fan_in_fan_out: bool = False, name: str = 
             f"Module{where} already has an adapter. Call dorakit.unload(model) or dorakit.merge_and_unload(model) "
             "before adding another."
         )
-    if is_conv1d(module):
-        if not fan_in_fan_out:
+    if is_conv1d(module) or isinstance(module, nn.Linear):
+        transposed = is_conv1d(module)  # Conv1D stores [in, out]
+        if fan_in_fan_out != transposed:
+            kind, layout = ("transformers' Conv1D", "[in, out]") if transposed else ("torch.nn.Linear", "[out, in]")
             warnings.warn(
-                f"fan_in_fan_out=False but the target{where} is transformers' Conv1D, whose weight is "
-                "[in, out]. Using fan_in_fan_out=True for it.",
+                f"fan_in_fan_out={fan_in_fan_out} but the target{where} is {kind}, whose weight is {layout}. "
+                f"Using fan_in_fan_out={transposed} for it.",
                 stacklevel=3,
             )
-        return Linear(module, fan_in_fan_out=True, **kwargs)
-    if isinstance(module, nn.Linear):
-        if fan_in_fan_out:
-            warnings.warn(
-                f"fan_in_fan_out=True but the target{where} is torch.nn.Linear, whose weight is [out, in]. "
-                "Using fan_in_fan_out=False for it.",
-                stacklevel=3,
-            )
-        return Linear(module, fan_in_fan_out=False, **kwargs)
+        return Linear(module, fan_in_fan_out=transposed, **kwargs)
     if isinstance(module, nn.Embedding):
         return Embedding(module, **kwargs)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

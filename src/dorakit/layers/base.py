@@ -96,7 +96,16 @@ class AdapterLayer(nn.Module):
         raise NotImplementedError
 
     def reset_adapter(self, init_lora_weights: bool | str) -> None:
-        raise NotImplementedError
+        """Initialise ``lora_A``/``lora_B`` modules (Linear and Conv; Embedding overrides)."""
+        if init_lora_weights is False:
+            return  # both factors keep their modules' random init: a non-identity start, for tests
+        with torch.no_grad():
+            if init_lora_weights == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            else:
+                # A as nn.Linear's default, B zero (loralib): the adapted model starts as the base.
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B.weight)
 
     def weight_rows(self, weight: Tensor) -> Tensor:
         """The base weight as [out, in] (a view wherever the layout allows)."""

@@ -10,8 +10,6 @@ dilation the parameters have PEFT's shapes. The magnitude has PEFT's shape [1, o
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -42,16 +40,6 @@ class Conv(AdapterLayer):
         )
         ones = (1,) * (base.weight.dim() - 2)
         self.lora_B = conv(r, base.out_channels, ones, ones, groups=base.groups, **factory)
-
-    def reset_adapter(self, init_lora_weights: bool | str) -> None:
-        if init_lora_weights is False:
-            return
-        with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            else:
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
 
     def lora_A_rows(self) -> Tensor:
         return self.lora_A.weight.reshape(self.r, -1)  # [r, in/groups * prod(k)]

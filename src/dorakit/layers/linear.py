@@ -7,7 +7,6 @@ hands the math the same [out, in] matrix for both (a transpose view, never a cop
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -39,17 +38,6 @@ class Linear(AdapterLayer):
         out_features, in_features = self.weight_rows(self.base_weight()).shape
         self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
         self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
-
-    def reset_adapter(self, init_lora_weights: bool | str) -> None:
-        if init_lora_weights is False:
-            return  # both factors keep nn.Linear's random init: a non-identity start, for tests
-        with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            else:
-                # A as nn.Linear's default, B zero (loralib): the adapted model starts as the base.
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            nn.init.zeros_(self.lora_B.weight)
 
     def lora_A_rows(self) -> Tensor:
         return self.lora_A.weight
