@@ -37,6 +37,23 @@ class EmbeddingNet(nn.Module):
         return self.head(self.emb(x))
 
 
+class ScaledEmbedding(nn.Embedding):
+    """Like Gemma's scaled word embedding: the lookup is multiplied by a constant."""
+
+    def __init__(self, *args, embed_scale: float = 3.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.embed_scale = embed_scale
+
+    def forward(self, x):
+        return super().forward(x) * self.embed_scale
+
+
+class ScaledEmbeddingNet(EmbeddingNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = ScaledEmbedding(40, 12)
+
+
 class ConvNet(nn.Module):
     """Two convolutions of dimension ``dim``; the second has a 1x1 kernel (PEFT's special case)."""
 
@@ -82,6 +99,11 @@ TOY_CASES = {
         EmbeddingNet,
         lambda: torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1)),
         ["emb", "head"],
+    ),
+    "scaled_embedding": (
+        ScaledEmbeddingNet,
+        lambda: torch.randint(0, 40, (3, 7), generator=torch.Generator().manual_seed(1)),
+        ["emb"],
     ),
     "conv1d": (lambda: ConvNet(1), _image(1), ["conv1", "conv2"]),
     "conv2d": (lambda: ConvNet(2), _image(2), ["conv1", "conv2"]),
