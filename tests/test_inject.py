@@ -188,3 +188,8 @@ def test_plain_lora_has_no_magnitude():
     model = dorakit.inject_adapters(seeded(LinearNet), dorakit.DoraConfig(target_modules=["fc1"], use_dora=False))
     assert model.fc1.lora_magnitude_vector is None
     assert "fc1.lora_magnitude_vector" not in model.state_dict()
+
+
+def test_unused_rank_pattern_warns():
+    with pytest.warns(UserWarning, match=r"rank_pattern keys \['fc9'\] match no targeted module"):
+        dorakit.inject_adapters(seeded(LinearNet), dorakit.DoraConfig(target_modules=["fc1"], rank_pattern={"fc9": 2}))

@@ -10,7 +10,9 @@ from .inject import (
     trainable_parameters,
     unload,
 )
+from .io import load_adapter, read_adapter_config, save_adapter
 from .layers import AdapterLayer
+from .merged import load_merged, save_merged
 
 __version__ = "0.1.0"
 
@@ -20,8 +22,13 @@ __all__ = [
     "adapter_layers",
     "disable_adapters",
     "inject_adapters",
+    "load_adapter",
+    "load_merged",
     "merge_and_unload",
     "print_trainable_parameters",
+    "read_adapter_config",
+    "save_adapter",
+    "save_merged",
     "trainable_parameters",
     "unload",
 ]

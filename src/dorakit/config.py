@@ -61,19 +61,19 @@ class DoraConfig:
 
     def rank_for(self, module_path: str) -> int:
         """The rank for one module: ``rank_pattern``'s first matching key, else ``r``."""
-        key = _pattern_key(self.rank_pattern, module_path)
+        key = pattern_key(self.rank_pattern, module_path)
         return self.r if key is None else self.rank_pattern[key]
 
     def alpha_for(self, module_path: str) -> float:
         """lora_alpha for one module: ``alpha_pattern``'s first matching key, else ``lora_alpha``."""
-        key = _pattern_key(self.alpha_pattern, module_path)
+        key = pattern_key(self.alpha_pattern, module_path)
         return self.lora_alpha if key is None else self.alpha_pattern[key]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
+def pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
     # PEFT's rule: a key matches when it matches the whole path or a dotted suffix of it.
     for key in patterns:
         if re.match(rf"(.*\.)?({key})$", module_path):

@@ -12,12 +12,13 @@ model exactly as it was.
 from __future__ import annotations
 
 from collections.abc import Iterator
+import warnings
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .config import DoraConfig
+from .config import DoraConfig, pattern_key
 from .layers import AdapterLayer, wrap_module
 from .modules_to_save import ModulesToSave
 from .targets import find_modules_to_save, find_targets
@@ -89,6 +90,7 @@ def inject_adapters(
         for path in targets
     }
     copies = {path: ModulesToSave(model.get_submodule(path)) for path in save_paths}
+    _warn_unused_patterns(config, targets)
 
     # From here on nothing can fail: change the model.
     flags = [(p, p.requires_grad) for p in model.parameters()]
@@ -98,6 +100,18 @@ def inject_adapters(
     setattr(model, _FLAGS_ATTR, flags)
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def _warn_unused_patterns(config: DoraConfig, targets: list[str]) -> None:
+    """A rank/alpha pattern that matches no target is most likely a typo: say so, as PEFT does."""
+    for field_name, patterns in (
+        ("rank_pattern", config.rank_pattern),
+        ("alpha_pattern", config.alpha_pattern),
+    ):
+        used = {key for key in patterns for path in targets if pattern_key(patterns, path) == key}
+        unused = sorted(set(patterns) - used)
+        if unused:
+            warnings.warn(f"{field_name} keys {unused} match no targeted module and are ignored.", stacklevel=3)
 
 
 def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:

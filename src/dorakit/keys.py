@@ -1,8 +1,10 @@
 """The one mapping between dorakit's state-dict keys and PEFT's adapter-file keys.
 
 dorakit's parameter names are PEFT's (``lora_A.weight``, ``lora_B.weight``,
-``lora_magnitude_vector``, ``lora_embedding_A``/``_B``), so a file key is a model key with PEFT's
-prefix ``base_model.model.`` in front, and nothing else changes.
+``lora_magnitude_vector``, ``lora_embedding_A``/``_B``), so for adapter tensors a file key is the
+model key with PEFT's prefix ``base_model.model.`` in front. The one other difference: PEFT stores
+a ``modules_to_save`` copy under the original module's path (``head.weight``), where dorakit's
+model holds it as ``head.modules_to_save.weight`` beside the frozen ``head.original_module``.
 """
 
 from __future__ import annotations
@@ -10,14 +12,15 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 PEFT_PREFIX = "base_model.model."
+COPY_PART = "modules_to_save"  # ModulesToSave's trainable copy
 
-# Last path components that belong to an adapter (everything else is the frozen base).
+# Path components that belong to an adapter (everything else is the frozen base).
 ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
 
 
 def is_adapter_key(key: str) -> bool:
     parts = key.split(".")
-    return any(part in ADAPTER_PARTS for part in parts) or "modules_to_save" in parts
+    return any(part in ADAPTER_PARTS for part in parts) or COPY_PART in parts
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -26,10 +29,20 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def to_peft_key(key: str) -> str:
-    return PEFT_PREFIX + key
+    """dorakit model key -> PEFT adapter-file key."""
+    parts = key.split(".")
+    if COPY_PART in parts:
+        parts.remove(COPY_PART)
+    return PEFT_PREFIX + ".".join(parts)
 
 
-def from_peft_key(key: str) -> str:
+def from_peft_key(key: str, copy_paths: set[str] | frozenset[str] = frozenset()) -> str:
+    """PEFT adapter-file key -> dorakit model key. ``copy_paths`` are the module paths that hold a
+    ``modules_to_save`` copy in the model (their tensors get the copy's component back)."""
     if not key.startswith(PEFT_PREFIX):
         raise ValueError(f"Adapter key {key!r} lacks PEFT's prefix {PEFT_PREFIX!r}.")
-    return key[len(PEFT_PREFIX) :]
+    key = key[len(PEFT_PREFIX) :]
+    for path in copy_paths:
+        if key.startswith(path + "."):
+            return f"{path}.{COPY_PART}.{key[len(path) + 1:]}"
+    return key

@@ -1,0 +1,5 @@
+"""``python -m dorakit``: the same command line as ``dorakit``."""
+
+from .cli import main
+
+main()

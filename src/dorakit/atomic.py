@@ -1,0 +1,85 @@
+"""Writes that never leave a half-written adapter or checkpoint behind.
+
+Files are written under temporary names in their final directory (same file system), flushed, then
+renamed into place with ``os.replace``, which is atomic. A directory is built whole under a
+temporary name and renamed into place the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path], None]], marker: str) -> None:
+    """Write several files into ``directory`` so that readers see the old set or the new set.
+
+    Args:
+        directory: created if missing; other files in it are left alone.
+        writers: file name -> function that writes the file at the path it is given.
+        marker: the file whose presence makes the directory valid (an adapter's config). It is
+            removed before the others are replaced and put back last, so an interruption leaves
+            either the complete old set, or no marker (which readers report), never a mix.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    try:
+        for name, write in writers.items():
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
+            os.close(fd)
+            staged[name] = Path(tmp)
+            write(staged[name])
+            with open(staged[name], "rb+") as handle:
+                os.fsync(handle.fileno())
+    except BaseException:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+        raise
+    (directory / marker).unlink(missing_ok=True)
+    for name, tmp in staged.items():
+        if name != marker:
+            os.replace(tmp, directory / name)
+    if marker in staged:
+        os.replace(staged[marker], directory / marker)
+    _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str) -> Iterator[Path]:
+    """Yield an empty temporary directory beside ``target``; on success it replaces ``target``.
+
+    Raises:
+        FileExistsError: ``target`` exists and is not empty, and ``overwrite`` is False.
+    """
+    target = Path(target)
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace the {what}.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / "previous")
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

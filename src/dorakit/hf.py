@@ -1,0 +1,44 @@
+"""Loading transformers checkpoints by their recorded architecture (transformers is optional)."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import torch
+from torch import nn
+
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError(
+            "This needs transformers: pip install 'dorakit[hf]' (or pip install transformers)."
+        ) from None
+    return transformers
+
+
+def load_pretrained(path: str | os.PathLike, dtype: DTypeName = "auto") -> nn.Module:
+    """Load a transformers model with the class its config names (``architectures[0]``), so a
+    causal LM comes back with its LM head and a classifier with its classification head."""
+    transformers = require_transformers()
+    config = transformers.AutoConfig.from_pretrained(path)
+    names = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, names[0], None) if names else None
+    if model_class is None:
+        model_class = transformers.AutoModel
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    return model_class.from_pretrained(path, dtype=torch_dtype)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The checkpoint's tokenizer, or None when it has none."""
+    transformers = require_transformers()
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError):
+        return None

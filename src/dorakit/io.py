@@ -1,0 +1,187 @@
+"""Save and load adapters in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Files written here load with ``peft.PeftModel.from_pretrained``; adapters written by PEFT (LoRA and
+DoRA) load here. Loading is strict: every tensor the config implies must be in the file with the
+model's shape, and nothing else may be; otherwise the error lists the offending keys and nothing is
+changed. Only safetensors are read: pickle files can run code and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import atomic
+from .config import DoraConfig
+from .inject import CONFIG_ATTR, inject_adapters, unload
+from .keys import adapter_state_dict, from_peft_key, to_peft_key
+from .modules_to_save import ModulesToSave
+from .peft_format import from_peft_dict, to_peft_dict
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+SHOWN = 5  # offending keys listed per kind of problem
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write the model's adapter to ``directory`` in PEFT's format.
+
+    Args:
+        model: a model adapted by ``inject_adapters`` or ``load_adapter``.
+        directory: created if needed; other files in it are kept.
+        overwrite: replace an adapter already in ``directory`` (refused otherwise).
+    Returns:
+        The directory.
+    Raises:
+        ValueError: the model has no dorakit adapter.
+        FileExistsError: ``directory`` holds an adapter and ``overwrite`` is False.
+
+    Example::
+
+        dorakit.save_adapter(model, "out/adapter")
+        peft_model = peft.PeftModel.from_pretrained(base_model, "out/adapter")  # PEFT reads it as its own
+    """
+    from safetensors.torch import save_file
+
+    config = getattr(model, CONFIG_ATTR, None)
+    if not isinstance(config, DoraConfig):
+        raise ValueError("This model has no dorakit adapter to save; call dorakit.inject_adapters first.")
+    directory = Path(directory)
+    if not overwrite and any((directory / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
+        raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it.")
+    tensors = {to_peft_key(k): v.detach().contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    content = json.dumps(to_peft_dict(config, model), indent=2, sort_keys=True)
+    atomic.write_files(
+        directory,
+        {
+            WEIGHTS_NAME: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+            CONFIG_NAME: lambda path: path.write_text(content + "\n"),
+        },
+        marker=CONFIG_NAME,
+    )
+    return directory
+
+
+def read_adapter_config(directory: str | os.PathLike) -> DoraConfig:
+    """The ``DoraConfig`` of an adapter directory (PEFT's or dorakit's), validated."""
+    directory = _existing_dir(directory)
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        present = sorted(p.name for p in directory.iterdir())[:10]
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}, so it is not an adapter directory (it holds: {present}).")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}). Save the adapter again.") from None
+    return from_peft_dict(data, source=str(path))
+
+
+def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+    """The tensors of an adapter directory, keyed as in the file. Never unpickles anything."""
+    from safetensors.torch import load_file
+
+    directory = _existing_dir(directory)
+    path = directory / WEIGHTS_NAME
+    if not path.is_file():
+        pickles = [name for name in PICKLE_NAMES if (directory / name).exists()]
+        if pickles:
+            raise ValueError(
+                f"{directory} holds {pickles[0]}, a pickle file, which dorakit never loads (unpickling can run code). "
+                f"Convert it to {WEIGHTS_NAME} with PEFT (save_pretrained(..., safe_serialization=True))."
+            )
+        raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}.")
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types for corrupt headers and data
+        raise ValueError(
+            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}). It may be truncated "
+            "or corrupt; save the adapter again."
+        ) from None
+
+
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, adapter_dtype: torch.dtype | None = None
+) -> nn.Module:
+    """Wrap ``model`` as the adapter's config says and load its tensors, strictly.
+
+    Args:
+        model: the base model the adapter was trained on (no adapters yet).
+        directory: an adapter directory written by dorakit or PEFT (LoRA or DoRA).
+        adapter_dtype: as in ``inject_adapters``.
+    Returns:
+        The same model object, adapted.
+    Raises:
+        FileNotFoundError / ValueError: a missing or unreadable directory, config or weights file;
+            missing, unexpected or wrongly shaped tensors (the error lists them). The model is
+            unchanged whenever an error is raised.
+    """
+    config = read_adapter_config(directory)
+    tensors = read_adapter_tensors(directory)
+    inject_adapters(model, config, adapter_dtype=adapter_dtype)
+    try:
+        load_adapter_tensors(model, tensors, source=str(directory))
+    except BaseException:
+        unload(model)
+        raise
+    return model
+
+
+def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str = "the adapter") -> None:
+    """Copy PEFT-keyed adapter tensors into an adapted model after checking every key and shape."""
+    copy_paths = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    expected = adapter_state_dict(model)
+    model_state = model.state_dict(keep_vars=True)
+    given: dict[str, Tensor] = {}
+    unexpected: list[str] = []
+    for key, value in tensors.items():
+        try:
+            ours = from_peft_key(key, copy_paths)
+        except ValueError:
+            unexpected.append(key)
+            continue
+        if ours in expected or ours in model_state:  # PEFT may also store base embeddings (resized vocab)
+            given[ours] = value
+        else:
+            unexpected.append(key)
+    missing = sorted(set(expected) - set(given))
+    mismatched = [
+        f"{to_peft_key(k)}: file {list(v.shape)} vs model {list(model_state[k].shape)}"
+        for k, v in sorted(given.items())
+        if tuple(v.shape) != tuple(model_state[k].shape)
+    ]
+    problems = []
+    if missing:
+        hint = ""
+        if any(k.endswith("lora_magnitude_vector") for k in missing):
+            hint = " (DoRA magnitudes: PEFT would re-initialise these silently and change the model's outputs)"
+        problems.append(f"{len(missing)} missing tensor(s){hint}: {_first([to_peft_key(k) for k in missing])}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected tensor(s): {_first(sorted(unexpected))}")
+    if mismatched:
+        problems.append(
+            f"{len(mismatched)} shape mismatch(es) (a different base model or rank?): {_first(mismatched)}"
+        )
+    if problems:
+        raise ValueError(f"{source} does not fit this model: " + "; ".join(problems) + ".")
+    with torch.no_grad():
+        for key, value in given.items():
+            model_state[key].copy_(value.to(device=model_state[key].device, dtype=model_state[key].dtype))
+
+
+def _first(items: list[str]) -> str:
+    more = f", ... ({len(items) - SHOWN} more)" if len(items) > SHOWN else ""
+    return ", ".join(items[:SHOWN]) + more
+
+
+def _existing_dir(directory: str | os.PathLike) -> Path:
+    directory = Path(directory)
+    if not directory.exists():
+        raise FileNotFoundError(f"Adapter directory {directory} does not exist.")
+    if not directory.is_dir():
+        raise NotADirectoryError(f"{directory} is a file; give the adapter's directory.")
+    return directory
