@@ -114,3 +114,33 @@ def test_cuda_bf16_matches_cpu():
         for _, layer in dorakit.adapter_layers(model):
             layer.merge()
     assert rel_err(output_of(model, ids.cuda()).float().cpu(), cpu) < 5e-2
+
+
+def test_norm_is_computed_once_per_step_and_cached_for_inference(monkeypatch):
+    calls = []
+    original = F.dora_row_norm
+    monkeypatch.setattr(F, "dora_row_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = adapted_llama(torch.float32)
+    layers = len(dorakit.adapter_layers(model))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    ids = torch.randint(0, 96, (2, 10))
+    model.train()
+    calls.clear()  # injection computed the initial magnitudes
+    for _ in range(2):  # e.g. gradient accumulation, or checkpointing recomputing the forward
+        output_of(model, ids).sum().backward()
+    assert len(calls) == layers
+    optimizer.step()  # changes A and B: the next forward must recompute
+    calls.clear()
+    output_of(model, ids).sum().backward()
+    assert len(calls) == layers
+    model.eval()
+    calls.clear()
+    with torch.no_grad():
+        for _ in range(3):
+            output_of(model, ids)
+    assert len(calls) == 0  # nothing changed since the last training forward
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.lora_B.weight.add_(0.01)
+        model.model.layers[0].self_attn.q_proj.scaling *= 2
+        output_of(model, ids)
+    assert len(calls) == 1  # only the changed layer

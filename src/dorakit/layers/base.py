@@ -78,7 +78,8 @@ class AdapterLayer(nn.Module):
         # and ||W0||_row, which checks that undo. Both are [out] vectors that files can carry.
         self._merged_norm: Tensor | None = None
         self._merged_base_norm: Tensor | None = None
-        self._base_sq_cache: tuple[tuple, Tensor] | None = None
+        # Derived tensors cached until their inputs change: name -> (key, tensor). See `_cached`.
+        self._cache: dict[str, tuple[tuple, Tensor]] = {}
 
         weight = self.base_weight()
         dtype = adapter_dtype or default_adapter_dtype(weight.dtype)
@@ -159,39 +160,62 @@ class AdapterLayer(nn.Module):
     def adapter_dtype(self) -> torch.dtype:
         return self.lora_A_rows().dtype
 
+    def lora_params(self) -> tuple[Tensor, Tensor]:
+        """The tensors holding A and B (what the norm depends on besides the base weight)."""
+        return self.lora_A.weight, self.lora_B.weight
+
+    def _cached(self, name: str, inputs: tuple[Tensor, ...], compute, extra: tuple = ()) -> Tensor:
+        """``compute()`` memoised until any of ``inputs`` changes.
+
+        A change is seen through each tensor's version counter (bumped by every in-place update:
+        optimizer steps, ``copy_``, ``load_state_dict``), as autograd detects modified saved
+        tensors, and its storage address (``.data`` reassignment). So the norm is computed once per
+        optimizer step in training (gradient-checkpointing recomputation reuses it) and once in
+        total for inference, until the adapter changes.
+        """
+        key = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in inputs) + extra
+        hit = self._cache.get(name)
+        if hit is not None and hit[0] == key:
+            # A tensor made under inference_mode may not be saved for a later backward.
+            if not (hit[1].is_inference() and not torch.is_inference_mode_enabled()):
+                return hit[1]
+        value = compute()
+        self._cache[name] = (key, value)
+        return value
+
     def base_sq_norms(self) -> Tensor:
-        """||W0_i||^2 in fp32, cached while the base weight is unchanged (checked by its version
-        counter, as autograd does, so an in-place update of the base invalidates it)."""
+        """||W0_i||^2 in fp32, cached while the base weight is unchanged."""
         if self.merged:
             raise RuntimeError("The base weight holds the merged adapter; unmerge() first.")
         weight = self.base_weight()
-        key = (weight._version, weight.data_ptr(), weight.dtype, weight.device, weight.shape)
-        cached = self._base_sq_cache
-        if cached is not None and cached[0] == key and not (
-            cached[1].is_inference() and not torch.is_inference_mode_enabled()
-        ):
-            return cached[1]
-        with torch.no_grad():
-            rows = self.weight_rows(weight.detach())
-            base_sq = torch.cat(
-                [
-                    torch.linalg.vector_norm(rows[chunk].to(torch.float32), dim=1).square()
-                    for chunk in F_dora.row_chunks(rows.shape[0], rows.shape[1])
-                ]
-            )
-        self._base_sq_cache = (key, base_sq)
-        return base_sq
+
+        def compute() -> Tensor:
+            with torch.no_grad():
+                rows = self.weight_rows(weight.detach())
+                return torch.cat(
+                    [
+                        torch.linalg.vector_norm(rows[chunk].to(torch.float32), dim=1).square()
+                        for chunk in F_dora.row_chunks(rows.shape[0], rows.shape[1])
+                    ]
+                )
+
+        return self._cached("base_sq", (weight,), compute)
 
     def row_norm(self) -> Tensor:
-        """||W0 + s B A||_row, fp32 [out], detached (paper section 4.3)."""
-        weight = self.base_weight().detach()
-        return F_dora.dora_row_norm(
-            self.weight_rows(weight),
-            self.lora_A_rows(),
-            self.lora_B_rows(),
-            self.scaling,
-            base_sq=self.base_sq_norms(),
-        )
+        """||W0 + s B A||_row, fp32 [out], detached (paper section 4.3); cached until A, B or the
+        base weight change."""
+        weight = self.base_weight()
+
+        def compute() -> Tensor:
+            return F_dora.dora_row_norm(
+                self.weight_rows(weight.detach()),
+                self.lora_A_rows(),
+                self.lora_B_rows(),
+                self.scaling,
+                base_sq=self.base_sq_norms(),
+            )
+
+        return self._cached("row_norm", (weight, *self.lora_params()), compute, extra=(self.scaling,))
 
     def dora_scale(self) -> Tensor:
         """g = m / ||W0 + s B A||_row as [out]; gradients reach m, not the norm."""

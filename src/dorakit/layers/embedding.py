@@ -34,6 +34,9 @@ class Embedding(AdapterLayer):
             nn.init.zeros_(self.lora_embedding_A)
             nn.init.normal_(self.lora_embedding_B)
 
+    def lora_params(self) -> tuple[Tensor, Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
     def lora_A_rows(self) -> Tensor:
         return self.lora_embedding_A
 
