@@ -80,17 +80,17 @@ def row_terms(
     out_features, in_features = weight_rows.shape
     a32 = lora_A.detach().to(compute_dtype)
     b32 = lora_B.detach().to(compute_dtype)
-    wa = torch.empty(out_features, a32.shape[0], dtype=compute_dtype, device=weight_rows.device)  # [out, r]
-    need_sq = base_sq is None
-    if need_sq:
-        base_sq = torch.empty(out_features, dtype=compute_dtype, device=weight_rows.device)
-    else:
-        base_sq = base_sq.to(compute_dtype)
+    wa_parts, sq_parts = [], []
     for rows in row_chunks(out_features, in_features, chunk_elements):
         chunk = weight_rows[rows].to(compute_dtype)  # [rows, in]; a view when the base is already in it
-        torch.matmul(chunk, a32.T, out=wa[rows])
-        if need_sq:
-            base_sq[rows] = torch.linalg.vector_norm(chunk, dim=1).square()
+        wa_parts.append(chunk @ a32.T)  # [rows, r]
+        if base_sq is None:
+            sq_parts.append(torch.linalg.vector_norm(chunk, dim=1).square())
+    wa = wa_parts[0] if len(wa_parts) == 1 else torch.cat(wa_parts)  # [out, r]
+    if base_sq is None:
+        base_sq = sq_parts[0] if len(sq_parts) == 1 else torch.cat(sq_parts)
+    else:
+        base_sq = base_sq.to(compute_dtype)
     cross = (b32 * wa).sum(dim=1)
     quad = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
     return RowTerms(base_sq, cross, quad)

@@ -173,6 +173,8 @@ class AdapterLayer(nn.Module):
         optimizer step in training (gradient-checkpointing recomputation reuses it) and once in
         total for inference, until the adapter changes.
         """
+        if torch.compiler.is_compiling():
+            return compute()  # inside a compiled graph: traced and fused, no Python-side cache
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in inputs) + extra
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:

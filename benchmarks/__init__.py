@@ -1,0 +1,1 @@
+"""dorakit's benchmarks: scripts in, JSON out (benchmarks/results/), README tables generated from it."""

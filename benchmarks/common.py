@@ -1,0 +1,143 @@
+"""What every benchmark shares: the models, the four methods, interleaved timing and JSON output.
+
+Methods (same base weights, same rank, alpha and targets):
+    dorakit_dora, dorakit_lora, peft_dora, peft_lora
+Ratios are taken to peft_lora, the cost users accept today.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import dorakit
+
+RESULTS = Path(__file__).resolve().parent / "results"
+METHODS = ("dorakit_dora", "dorakit_lora", "peft_dora", "peft_lora")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    r: int
+    alpha: int
+    batches: list[tuple[int, int]]  # (batch size, sequence length)
+    vocab: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+SPECS = {
+    # Issue 4, configuration 1: random LLaMA, hidden 1024, intermediate 2752, 4 layers, 16 heads, vocab 8000.
+    "llama-random": ModelSpec("llama-random", r=16, alpha=32, batches=[(4, 256), (1, 128)], vocab=8000),
+    # Configuration 2: SmolLM2-135M-Instruct, real weights (dorakit.assets).
+    "smollm2": ModelSpec("smollm2", r=8, alpha=16, batches=[(8, 128), (1, 128)], vocab=49152),
+}
+
+
+def build_base(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if spec.name == "llama-random":
+        config = LlamaConfig(
+            hidden_size=1024, intermediate_size=2752, num_hidden_layers=4, num_attention_heads=16,
+            num_key_value_heads=16, vocab_size=8000, max_position_embeddings=512,
+        )
+        return LlamaForCausalLM(config).to(dtype)
+    from dorakit.assets import smollm2_path
+
+    return AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=dtype)
+
+
+def adapt(base: torch.nn.Module, method: str, spec: ModelSpec, *, in_place: bool = False) -> torch.nn.Module:
+    """``base`` adapted by one method: a deep copy, or ``base`` itself with ``in_place``."""
+    model = base if in_place else copy.deepcopy(base)
+    use_dora = method.endswith("dora")
+    if method.startswith("dorakit"):
+        cfg = dorakit.DoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=TARGETS, use_dora=use_dora)
+        return dorakit.inject_adapters(model, cfg)
+    import peft
+
+    cfg = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=TARGETS, use_dora=use_dora)
+    return peft.get_peft_model(model, cfg)
+
+
+def copy_adapter_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
+    """Give a dorakit model the PEFT model's adapter values (so their losses must agree)."""
+    import peft
+
+    from dorakit.keys import from_peft_key
+
+    state = {from_peft_key(k): v for k, v in peft.get_peft_model_state_dict(src).items()}
+    dst.load_state_dict(state, strict=False)
+
+
+def environment(threads: int, dtype: torch.dtype) -> dict:
+    import peft
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return {
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "device_name": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "dorakit": dorakit.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
+    """Time each callable ``rounds`` times, interleaved in a shuffled order each round, so that
+    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run."""
+    order = list(runs)
+    rng = random.Random(seed)
+    for _ in range(warmup):
+        for name in order:
+            runs[name]()
+    times: dict[str, list[float]] = {name: [] for name in order}
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            runs[name]()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarise(times: dict[str, list[float]], reference: str = "peft_lora") -> dict[str, dict]:
+    medians = {name: statistics.median(ts) for name, ts in times.items()}
+    out = {}
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[name] = {
+            "median_ms": 1000 * medians[name],
+            "p25_ms": 1000 * q[0],
+            "p75_ms": 1000 * q[2],
+            "runs": len(ts),
+            f"ratio_to_{reference}": medians[name] / medians[reference] if reference in medians else None,
+        }
+    return out
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
+    return path

@@ -1,0 +1,89 @@
+"""Peak memory of a training step per method, each method in its own process.
+
+    python -m benchmarks.memory --model llama-random
+    python -m benchmarks.memory --model smollm2 --batches 8x128
+
+On CPU the peak resident set size (ru_maxrss) is reported, whole and as the increase over the
+resident size just before the first step (activations, gradients, optimizer states: the part the
+method decides). On CUDA, torch.cuda.max_memory_allocated. Ratios are to peft_lora.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from .common import METHODS, SPECS, adapt, build_base, environment, write_result
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+def child(method: str, model_name: str, batch: int, seq: int, steps: int, threads: int) -> dict:
+    torch.set_num_threads(threads)
+    spec = SPECS[model_name]
+    model = adapt(build_base(spec), method, spec, in_place=True)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, spec.vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        model.cuda()
+        ids = ids.cuda()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SPECS), default="llama-random")
+    parser.add_argument("--batches", default=None, help="e.g. 4x256,1x128 (default: the model's)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    spec = SPECS[args.model]
+    batches = [tuple(map(int, b.split("x"))) for b in args.batches.split(",")] if args.batches else spec.batches
+    if args.child:
+        batch, seq = batches[0]
+        print(json.dumps(child(args.child, args.model, batch, seq, args.steps, args.threads)))
+        return
+    results = []
+    for batch, seq in batches:
+        per_method = {}
+        for method in METHODS:
+            cmd = [sys.executable, "-m", "benchmarks.memory", "--model", args.model, "--batches", f"{batch}x{seq}",
+                   "--steps", str(args.steps), "--threads", str(args.threads), "--child", method]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            per_method[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        ref = per_method["peft_lora"]
+        for m in per_method.values():
+            m["peak_ratio_to_peft_lora"] = m["peak_mb"] / ref["peak_mb"]
+            m["increase_ratio_to_peft_lora"] = m["increase_mb"] / ref["increase_mb"]
+        results.append({"batch": batch, "seq_len": seq, "methods": per_method})
+        print(f"{args.model} {batch}x{seq}: " + ", ".join(
+            f"{m} peak {v['peak_mb']:.0f} MB ({v['peak_ratio_to_peft_lora']:.3f}x), +{v['increase_mb']:.0f} MB "
+            f"({v['increase_ratio_to_peft_lora']:.3f}x)" for m, v in per_method.items()))
+    write_result(f"memory_{args.model}", {
+        "benchmark": "memory", "model": args.model, "r": spec.r, "lora_alpha": spec.alpha, "steps": args.steps,
+        "measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)",
+        "environment": environment(args.threads, torch.float32), "results": results,
+    })
+
+
+if __name__ == "__main__":
+    main()

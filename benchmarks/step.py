@@ -1,0 +1,70 @@
+"""Training-step time: dorakit DoRA / LoRA against PEFT DoRA / LoRA, interleaved in one process.
+
+    python -m benchmarks.step --model llama-random            # issue 4, configuration 1
+    python -m benchmarks.step --model smollm2                 # configuration 2 (needs `make assets`)
+
+One step = forward, causal-LM loss, backward, AdamW step, zero_grad. All four models start from the
+same base weights; the PEFT DoRA model's adapter values are copied into dorakit's DoRA model and
+the first losses compared, so a speed-up can never come from computing something else.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from .common import METHODS, SPECS, adapt, build_base, copy_adapter_weights, environment, interleaved, summarise, write_result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=sorted(SPECS), default="llama-random")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per method (medians reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default=None, help="e.g. 4x256,1x128 (default: the model's)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = SPECS[args.model]
+    batches = [tuple(map(int, b.split("x"))) for b in args.batches.split(",")] if args.batches else spec.batches
+
+    base = build_base(spec)
+    models = {method: adapt(base, method, spec) for method in METHODS}
+    with torch.no_grad():  # a non-identity adapter, the same in both DoRA implementations
+        for name, param in models["peft_dora"].named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    copy_adapter_weights(models["peft_dora"], models["dorakit_dora"])
+    optimizers = {
+        m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) for m, model in models.items()
+    }
+    results = []
+    for batch, seq in batches:
+        ids = torch.randint(0, spec.vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
+        first = {m: models[m](input_ids=ids, labels=ids).loss.item() for m in ("peft_dora", "dorakit_dora")}
+
+        def step(method):
+            def run():
+                model = models[method]
+                model.train()
+                model(input_ids=ids, labels=ids).loss.backward()
+                optimizers[method].step()
+                optimizers[method].zero_grad(set_to_none=True)
+            return run
+
+        times = interleaved({m: step(m) for m in METHODS}, rounds=args.rounds, warmup=args.warmup)
+        summary = summarise(times)
+        results.append({"batch": batch, "seq_len": seq, "methods": summary,
+                         "first_loss": first, "loss_rel_diff": abs(first["dorakit_dora"] - first["peft_dora"]) / abs(first["peft_dora"])})
+        print(f"{args.model} {batch}x{seq}: " + ", ".join(
+            f"{m} {s['median_ms']:.0f} ms ({s['ratio_to_peft_lora']:.3f}x)" for m, s in summary.items()))
+    write_result(f"step_{args.model}", {
+        "benchmark": "step", "model": args.model, "r": spec.r, "lora_alpha": spec.alpha, "targets": "q,k,v,o,gate,up,down",
+        "environment": environment(args.threads, torch.float32), "rounds": args.rounds, "warmup": args.warmup,
+        "results": results,
+    })
+
+
+if __name__ == "__main__":
+    main()
