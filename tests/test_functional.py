@@ -35,11 +35,26 @@ def test_golden_scaling_enters_squared():
     assert F.dora_row_norm(W0, A, B, 2.0)[0].item() == pytest.approx(math.sqrt(41), rel=1e-7)
 
 
+def compose_reference(x, w0, a, b, m, s, bias=None):
+    """The paper's formula, term by term."""
+    g = m / F.dora_row_norm(w0, a, b, s)
+    y = g * (x @ w0.T + s * (x @ a.T) @ b.T)
+    return y if bias is None else y + bias
+
+
+def compose_fused(x, w0, a, b, m, s, bias=None, dropped=None):
+    """What the layers do: B pre-scaled by g*s, the bias correction in the LoRA matmul, one addcmul."""
+    g = m / F.dora_row_norm(w0, a, b, s)
+    base_out = x @ w0.T + (0 if bias is None else bias)
+    xa = (x if dropped is None else dropped) @ a.T
+    lora = torch.nn.functional.linear(xa, F.scaled_lora_B(b, g, s), None if dropped is not None else F.bias_correction(bias, g))
+    return F.dora_compose(base_out, lora, g, base_dropped=None if dropped is None else dropped @ w0.T)
+
+
 def test_golden_compose_equals_merged_weight():
     m = torch.tensor([5.0, 0.0])
-    g = m / F.dora_row_norm(W0, A, B, 1.0)
     x = torch.tensor([[1.0, 1.0]])
-    y = F.dora_compose(x @ W0.T, x @ A.T @ B.T, g, 1.0)
+    y = compose_fused(x, W0, A, B, m, 1.0)
     # by hand: row 0 = 5 / sqrt(32) * (7 + 1); row 1 = 0 (zero row, zero magnitude: no NaN)
     assert y.tolist()[0] == pytest.approx([5 / math.sqrt(32) * 8, 0.0], rel=1e-6)
     merged = W0.clone()
@@ -50,20 +65,22 @@ def test_golden_compose_equals_merged_weight():
 
 
 def test_golden_bias_is_not_scaled():
-    g = torch.tensor([2.0, 3.0])
-    b = torch.tensor([10.0, 20.0])
-    base_out = torch.tensor([[1.0, 1.0]]) + b
-    y = F.dora_compose(base_out, torch.zeros(1, 2), g, 1.0, bias=b)
+    # W0 = I, B = 0: y = g * x + b, with the bias untouched by g.
+    w0, a, b = torch.eye(2), torch.ones(1, 2), torch.zeros(2, 1)
+    m = torch.tensor([2.0, 3.0])  # row norms are 1, so g = m
+    bias = torch.tensor([10.0, 20.0])
+    y = compose_fused(torch.tensor([[1.0, 1.0]]), w0, a, b, m, 1.0, bias)
     assert y.tolist() == [[12.0, 23.0]]
 
 
-def test_compose_with_dropout_form():
-    # y = base(x) + (g - 1) x'W0^T + g s lora(x'); equals g (x W0^T + s lora) + b when x' = x.
+def test_fused_compose_equals_the_formula():
     torch.manual_seed(0)
-    xw, lora, g, b = torch.randn(3, 4), torch.randn(3, 4), torch.rand(4) + 0.5, torch.randn(4)
-    reuse = F.dora_compose(xw + b, lora, g, 0.5, bias=b)
-    second = F.dora_compose(xw + b, lora, g, 0.5, bias=b, base_dropped=xw)
-    assert rel_err(reuse, second) < 1e-6
+    x, w0, a, b = torch.randn(5, 7), torch.randn(4, 7), torch.randn(3, 7), torch.randn(4, 3) * 0.2
+    m, bias = torch.rand(4) + 0.5, torch.randn(4)
+    expected = compose_reference(x, w0, a, b, m, 0.7, bias)
+    assert rel_err(compose_fused(x, w0, a, b, m, 0.7, bias), expected) < 1e-6
+    # The dropout form with x' = x is the same function.
+    assert rel_err(compose_fused(x, w0, a, b, m, 0.7, bias, dropped=x), expected) < 1e-6
 
 
 def test_merge_then_unmerge_is_exact_without_cache():

@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 # Largest temporary (in elements) that chunked passes over a base weight may allocate:
-# 2**24 fp32 elements = 64 MiB, whatever the layer's width.
-CHUNK_ELEMENTS = 2**24
+# 2**23 elements = 32 MiB in fp32, whatever the layer's width.
+CHUNK_ELEMENTS = 2**23
 
 # Row norms below this are treated as zero rows. Real checkpoints contain all-zero rows; PEFT
 # divides by their zero norm and returns NaN. With the clamp, a zero row whose magnitude is zero
@@ -44,8 +44,14 @@ def row_chunks(n_rows: int, row_width: int, chunk_elements: int | None = None) -
 
 
 def _exact_dtype(device: torch.device) -> torch.dtype:
-    """fp64 for the one-off merge/unmerge passes (fp32 where the device has no fp64)."""
+    """fp64 for the per-row terms of the one-off merge/unmerge (fp32 where the device has none)."""
     return torch.float32 if device.type == "mps" else torch.float64
+
+
+def _update_dtype(weight: Tensor) -> torch.dtype:
+    """Element-wise merge/unmerge updates run in fp32 (fp64 for an fp64 weight): their rounding is
+    then at most that of storing the result, so more precision would buy nothing."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class RowTerms(NamedTuple):
@@ -133,34 +139,41 @@ def direct_row_norm(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling
     return torch.linalg.vector_norm(full, dim=1).clamp_min(NORM_EPS)
 
 
-def dora_compose(
-    base_out: Tensor,
-    lora_out: Tensor,
-    scale: Tensor,
-    scaling: float,
-    *,
-    bias: Tensor | None = None,
-    base_dropped: Tensor | None = None,
-) -> Tensor:
-    """Combine the base output and the LoRA branch into the DoRA output.
+def dora_compose(base_out: Tensor, lora_out: Tensor, scale: Tensor, *, base_dropped: Tensor | None = None) -> Tensor:
+    """Combine the base output and the LoRA branch into the DoRA output, in one fused op.
+
+    DoRA's output y = g * (x W0^T + s B A x) + b (g = m / ||W0 + s B A||, bias b never scaled) is
+    rearranged so that the per-channel scale costs no extra pass over the [tokens, out] output:
+
+        y = g * base(x) + [ (g*s) B ] A x + b (1 - g)           base(x) = x W0^T + b
+
+    The bracket is B with its rows scaled by g*s (an [out, r] op), applied by the LoRA branch's own
+    matmul, which also adds the [out] bias correction b (1 - g). What is left is one addcmul.
+    With dropout (x' = dropout(x)) the paper's and PEFT's form is kept:
+
+        y = base(x) + (g - 1) * x' W0^T + [ (g*s) B ] A x'
 
     Args:
-        base_out: the base layer's output on x, bias included.
-        lora_out: B(A(x')), unscaled; x' = dropout(x).
-        scale: g = m / ||W0 + s*B@A|| shaped to broadcast over the output channels.
-        scaling: s.
-        bias: the base layer's bias shaped like ``scale``, or None. The bias is never scaled.
-        base_dropped: the base layer's output on x' without bias, when dropout is active; None when
-            x' is x, so the base output is reused instead of a second base matmul.
-    Returns:
-        y = g * (x W0^T + s * lora) + b, or with dropout y = base(x) + (g - 1) * x'W0^T + g * s * lora
-        (the form PEFT and the paper's code use, DORA.md).
+        base_out: base(x), the base layer's output (bias included).
+        lora_out: ((g*s) B)(A(x')), plus b (1 - g) when there is no dropout.
+        scale: g, shaped to broadcast over the output channels.
+        base_dropped: x' W0^T without bias when dropout is active, else None (base_out is reused:
+            no second base matmul).
     """
     if base_dropped is None:
-        direction = base_out if bias is None else base_out - bias
-        out = scale * torch.add(direction, lora_out, alpha=scaling)
-        return out if bias is None else out + bias
-    return base_out + (scale - 1) * base_dropped + (scale * scaling) * lora_out
+        return torch.addcmul(lora_out, base_out.to(lora_out.dtype), scale)
+    return torch.addcmul(base_out + lora_out, base_dropped.to(lora_out.dtype), scale - 1)
+
+
+def scaled_lora_B(lora_B: Tensor, scale: Tensor, scaling: float) -> Tensor:
+    """B with output row j multiplied by g_j * s ([out, ...] whatever B's trailing shape)."""
+    factor = (scale * scaling).to(lora_B.dtype)
+    return lora_B * factor.reshape((-1,) + (1,) * (lora_B.dim() - 1))
+
+
+def bias_correction(bias: Tensor | None, scale: Tensor) -> Tensor | None:
+    """b (1 - g): what keeps the bias unscaled once g multiplies the whole base output."""
+    return None if bias is None else bias.to(scale.dtype) * (1 - scale)
 
 
 @torch.no_grad()
@@ -183,20 +196,21 @@ def merge_rows_(
         at any later time, in any process: see ``unmerge_rows_``.
     """
     out_features, in_features = weight_rows.shape
-    # A merge is a one-off, so it works in fp64: the merged rows then have norm |m_i| to the last
-    # bit of the stored dtype, which is what makes the later unmerge exact.
-    work = _exact_dtype(weight_rows.device)
-    a64 = lora_A.detach().to(work)
-    b64 = lora_B.detach().to(work)
-    terms = row_terms(weight_rows, a64, b64, chunk_elements=chunk_elements, compute_dtype=work)
+    # A merge is a one-off: its row terms come in fp64, so the merged rows have norm |m_i| to the
+    # last bit of the stored dtype, which is what makes the later unmerge exact.
+    terms = row_terms(weight_rows, lora_A, lora_B, chunk_elements=chunk_elements,
+                      compute_dtype=_exact_dtype(weight_rows.device))
+    work = _update_dtype(weight_rows)
+    a_w = lora_A.detach().to(work)
+    b_w = lora_B.detach().to(work)
     factor = None
     if magnitude is not None:
-        factor = magnitude.detach().reshape(-1).to(work) / norm_from_terms(terms, scaling)
+        factor = (magnitude.detach().reshape(-1).to(terms.base_sq.dtype) / norm_from_terms(terms, scaling)).to(work)
     for rows in row_chunks(out_features, in_features, chunk_elements):
-        new = torch.addmm(weight_rows[rows].to(work), b64[rows], a64, alpha=scaling)  # [rows, in]
+        new = torch.addmm(weight_rows[rows].to(work), b_w[rows], a_w, alpha=scaling)  # [rows, in]
         if factor is not None:
             new.mul_(factor[rows, None])
-        weight_rows[rows] = new.to(weight_rows.dtype)
+        weight_rows[rows].copy_(new)  # converts to the weight's dtype without another temporary
     return terms
 
 
@@ -237,6 +251,7 @@ def unmerge_rows_(
     work = _exact_dtype(weight_rows.device)
     a64 = lora_A.detach().to(work)
     b64 = lora_B.detach().to(work)
+    update = _update_dtype(weight_rows)
     ratio = keep = None
     if magnitude is not None:
         if merge_norm is None and base_sq is None:
@@ -269,14 +284,17 @@ def unmerge_rows_(
             )
         ratio = torch.where(zero_base, torch.zeros_like(c), c / safe_m)
         keep = (~zero_base).to(work)  # a zero base row stays exactly zero
+    a_u, b_u = a64.to(update), b64.to(update)
+    ratio = None if ratio is None else ratio.to(update)
+    keep = None if keep is None else keep.to(update)
     for rows in row_chunks(out_features, in_features, chunk_elements):
-        merged = weight_rows[rows].to(work)  # [rows, in]
+        merged = weight_rows[rows].to(update)  # [rows, in]
         if ratio is not None:
             merged = merged * ratio[rows, None]
-        new = torch.addmm(merged, b64[rows], a64, alpha=-scaling)
+        new = torch.addmm(merged, b_u[rows], a_u, alpha=-scaling)
         if keep is not None:
             new.mul_(keep[rows, None])
-        weight_rows[rows] = new.to(weight_rows.dtype)
+        weight_rows[rows].copy_(new)
 
 
 def _check_recovered_norms(c: Tensor, p: Tensor, delta_sq: Tensor, base_sq: Tensor, storage_eps: float) -> None:

@@ -78,8 +78,8 @@ class AdapterLayer(nn.Module):
         # and ||W0||_row, which checks that undo. Both are [out] vectors that files can carry.
         self._merged_norm: Tensor | None = None
         self._merged_base_norm: Tensor | None = None
-        # Derived tensors cached until their inputs change: name -> (key, tensor). See `_cached`.
-        self._cache: dict[str, tuple[tuple, Tensor]] = {}
+        # Derived tensors cached until their inputs change: name -> (key, value). See `_cached`.
+        self._cache: dict[str, tuple] = {}
 
         weight = self.base_weight()
         dtype = adapter_dtype or default_adapter_dtype(weight.dtype)
@@ -120,8 +120,16 @@ class AdapterLayer(nn.Module):
         """B as [out, r], matching ``weight_rows``."""
         raise NotImplementedError
 
-    def lora_forward(self, x: Tensor) -> Tensor:
-        """B(A(x)) without the scaling."""
+    def lora_A_forward(self, x: Tensor) -> Tensor:
+        """A(x): the adapter's [..., r] hidden state."""
+        raise NotImplementedError
+
+    def lora_B_weight(self) -> Tensor:
+        """The tensor holding B, in its own layout ([out, r, ...])."""
+        raise NotImplementedError
+
+    def lora_B_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        """B applied to the hidden state with the given (scaled) weight and optional bias."""
         raise NotImplementedError
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
@@ -164,7 +172,7 @@ class AdapterLayer(nn.Module):
         """The tensors holding A and B (what the norm depends on besides the base weight)."""
         return self.lora_A.weight, self.lora_B.weight
 
-    def _cached(self, name: str, inputs: tuple[Tensor, ...], compute, extra: tuple = ()) -> Tensor:
+    def _cached(self, name: str, inputs: tuple[Tensor, ...], compute, extra: tuple = ()):
         """``compute()`` memoised until any of ``inputs`` changes.
 
         A change is seen through each tensor's version counter (bumped by every in-place update:
@@ -179,7 +187,9 @@ class AdapterLayer(nn.Module):
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             # A tensor made under inference_mode may not be saved for a later backward.
-            if not (hit[1].is_inference() and not torch.is_inference_mode_enabled()):
+            values = hit[1] if isinstance(hit[1], tuple) else (hit[1],)
+            stale = any(v is not None and v.is_inference() for v in values) and not torch.is_inference_mode_enabled()
+            if not stale:
                 return hit[1]
         value = compute()
         self._cache[name] = (key, value)
@@ -238,23 +248,38 @@ class AdapterLayer(nn.Module):
         if self.disabled or self.merged:
             return result
         x_adapter = self.lora_dropout(self.cast_input(x))
-        lora_out = self.lora_forward(x_adapter)
+        hidden = self.lora_A_forward(x_adapter)  # [..., r]
+        weight_b = self.lora_B_weight()
         if not self.use_dora:
-            return (result + lora_out * self.scaling).to(result.dtype)
-        scale = self.channel_view(self.dora_scale())
-        dropout_active = self.training and not isinstance(self.lora_dropout, nn.Identity)
-        # Without dropout the base output already is x W0^T + b: reuse it (no second base matmul).
-        base_dropped = self.base_forward_without_bias(x_adapter) if dropout_active else None
-        bias = self.bias
-        out = F_dora.dora_compose(
-            result,
-            lora_out,
-            scale,
-            self.scaling,
-            bias=None if bias is None else self.channel_view(bias),
-            base_dropped=base_dropped,
-        )
+            # One fused op over the output (PEFT's LoRA takes two: scale, then add).
+            lora_out = self.lora_B_forward(hidden, weight_b)
+            return torch.add(result.to(lora_out.dtype), lora_out, alpha=self.scaling).to(result.dtype)
+        if self.training and not isinstance(self.lora_dropout, nn.Identity):
+            scale = self.dora_scale()  # [out]
+            lora_out = self.lora_B_forward(hidden, F_dora.scaled_lora_B(weight_b, scale, self.scaling))
+            base_dropped = self.base_forward_without_bias(x_adapter)
+            out = F_dora.dora_compose(result, lora_out, self.channel_view(scale), base_dropped=base_dropped)
+        else:
+            # x' = x: the base output is reused, no second base matmul (DORA.md).
+            scale, scaled_b, correction = self._fused_terms(weight_b)
+            lora_out = self.lora_B_forward(hidden, scaled_b, correction)
+            out = F_dora.dora_compose(result, lora_out, self.channel_view(scale))
         return out.to(result.dtype)
+
+    def _fused_terms(self, weight_b: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """g, (g*s) B and b (1 - g); without autograd (inference) cached until anything they depend
+        on changes, so unmerged inference costs what LoRA's does."""
+
+        def compute():
+            scale = self.dora_scale()
+            return scale, F_dora.scaled_lora_B(weight_b, scale, self.scaling), F_dora.bias_correction(self.bias, scale)
+
+        if torch.is_grad_enabled():
+            return compute()
+        inputs = (self.base_weight(), *self.lora_params(), self.lora_magnitude_vector)
+        if self.bias is not None:
+            inputs += (self.bias,)
+        return self._cached("fused_terms", inputs, compute, extra=(self.scaling,))
 
     def _writable_rows(self) -> tuple[Tensor, Tensor]:
         weight = self.base_weight().detach()

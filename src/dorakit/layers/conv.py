@@ -52,8 +52,14 @@ class Conv(AdapterLayer):
         # Output block j only sees A's block j: B as a block-diagonal [out, r].
         return torch.block_diag(*b.chunk(groups, dim=0))
 
-    def lora_forward(self, x: Tensor) -> Tensor:
-        return self.lora_B(self.lora_A(x))
+    def lora_A_forward(self, x: Tensor) -> Tensor:
+        return self.lora_A(x)
+
+    def lora_B_weight(self) -> Tensor:
+        return self.lora_B.weight
+
+    def lora_B_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return self.lora_B._conv_forward(hidden, weight, bias)
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         weight = self.base_weight()

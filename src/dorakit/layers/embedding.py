@@ -43,9 +43,9 @@ class Embedding(AdapterLayer):
     def lora_B_rows(self) -> Tensor:
         return self.lora_embedding_B
 
-    def lora_forward(self, x: Tensor) -> Tensor:
+    def lora_A_forward(self, x: Tensor) -> Tensor:
         base = self.base_layer
-        after_a = F.embedding(  # [..., r]
+        return F.embedding(  # [..., r]
             x,
             self.lora_embedding_A.T,
             padding_idx=base.padding_idx,
@@ -54,10 +54,16 @@ class Embedding(AdapterLayer):
             scale_grad_by_freq=base.scale_grad_by_freq,
             sparse=base.sparse,
         )
-        out = after_a @ self.lora_embedding_B.T  # [..., embedding_dim]
+
+    def lora_B_weight(self) -> Tensor:
+        return self.lora_embedding_B
+
+    def lora_B_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         # Scaled embeddings (e.g. Gemma's) multiply the base lookup; the adapter's share must match.
-        embed_scale = getattr(base, "embed_scale", None)
-        return out if embed_scale is None else out * embed_scale
+        embed_scale = getattr(self.base_layer, "embed_scale", None)
+        if embed_scale is not None:
+            weight = weight * embed_scale
+        return F.linear(hidden, weight, bias)  # [..., embedding_dim]
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         raise RuntimeError("Embeddings take no dropout; the base output is always reused.")

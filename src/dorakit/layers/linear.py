@@ -45,8 +45,14 @@ class Linear(AdapterLayer):
     def lora_B_rows(self) -> Tensor:
         return self.lora_B.weight
 
-    def lora_forward(self, x: Tensor) -> Tensor:
-        return self.lora_B(self.lora_A(x))
+    def lora_A_forward(self, x: Tensor) -> Tensor:
+        return self.lora_A(x)
+
+    def lora_B_weight(self) -> Tensor:
+        return self.lora_B.weight
+
+    def lora_B_forward(self, hidden: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+        return F.linear(hidden, weight, bias)
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         weight = self.base_weight()
