@@ -179,3 +179,18 @@ def test_conv1d_flag_disagreement_warns_and_is_corrected():
     with pytest.warns(UserWarning, match="torch.nn.Linear"):
         dorakit.inject_adapters(lin, dorakit.DoraConfig(target_modules=["0"], fan_in_fan_out=True))
     assert lin[0].fan_in_fan_out is False
+
+
+@pytest.mark.parametrize("dropout, training, expect_second_matmul", [
+    (0.0, True, False), (0.1, False, False), (0.1, True, True),
+])
+def test_second_base_matmul_only_with_active_dropout(monkeypatch, dropout, training, expect_second_matmul):
+    from dorakit.layers import Linear
+
+    calls = []
+    original = Linear.base_forward_without_bias
+    monkeypatch.setattr(Linear, "base_forward_without_bias", lambda self, x: calls.append(1) or original(self, x))
+    model, x, _, _ = adapted("linear", lora_dropout=dropout)
+    model.train(training)
+    output_of(model, x)
+    assert bool(calls) == expect_second_matmul

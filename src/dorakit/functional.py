@@ -62,6 +62,23 @@ class RowTerms(NamedTuple):
     quad: Tensor  # B_i @ (A @ A^T) @ B_i^T (times s^2 in the norm, = ||(B@A)_i||^2)
 
 
+def _base_products(
+    weight_rows: Tensor, a: Tensor, base_sq: Tensor | None, chunk_elements: int | None, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """W0 @ A^T ([out, r]) and ||W0_i||^2 ([out], unless given), reading W0 in bounded chunks."""
+    out_features, in_features = weight_rows.shape
+    wa_parts, sq_parts = [], []
+    for rows in row_chunks(out_features, in_features, chunk_elements):
+        chunk = weight_rows[rows].to(dtype)  # [rows, in]; a view when the base is already in it
+        wa_parts.append(chunk @ a.T)  # [rows, r]
+        if base_sq is None:
+            sq_parts.append(torch.linalg.vector_norm(chunk, dim=1).square())
+    wa = wa_parts[0] if len(wa_parts) == 1 else torch.cat(wa_parts)
+    if base_sq is None:
+        base_sq = sq_parts[0] if len(sq_parts) == 1 else torch.cat(sq_parts)
+    return wa, base_sq.to(dtype)
+
+
 @torch.no_grad()
 def row_terms(
     weight_rows: Tensor,
@@ -72,43 +89,33 @@ def row_terms(
     chunk_elements: int | None = None,
     compute_dtype: torch.dtype = torch.float32,
 ) -> RowTerms:
-    """Compute the three terms of the factored row norm in fp32.
+    """The three terms of the factored row norm, separately (merge and unmerge need them apart).
 
     Args:
         weight_rows: the base weight as [out, in] (any float dtype; may be a strided view).
         lora_A: [r, in].  lora_B: [out, r].
-        base_sq: precomputed ||W0_i||^2 ([out], fp32) for a frozen base; computed here if None.
+        base_sq: precomputed ||W0_i||^2 ([out]) for a frozen base; computed here if None.
         chunk_elements: bound on the temporary per chunk (default ``CHUNK_ELEMENTS``).
-        compute_dtype: accumulation dtype (fp32; unmerge uses fp64).
+        compute_dtype: accumulation dtype (fp32; merge and unmerge use fp64).
     Returns:
         RowTerms(base_sq, cross, quad), each [out] in ``compute_dtype``.
     """
-    out_features, in_features = weight_rows.shape
-    a32 = lora_A.detach().to(compute_dtype)
-    b32 = lora_B.detach().to(compute_dtype)
-    wa_parts, sq_parts = [], []
-    for rows in row_chunks(out_features, in_features, chunk_elements):
-        chunk = weight_rows[rows].to(compute_dtype)  # [rows, in]; a view when the base is already in it
-        wa_parts.append(chunk @ a32.T)  # [rows, r]
-        if base_sq is None:
-            sq_parts.append(torch.linalg.vector_norm(chunk, dim=1).square())
-    wa = wa_parts[0] if len(wa_parts) == 1 else torch.cat(wa_parts)  # [out, r]
-    if base_sq is None:
-        base_sq = sq_parts[0] if len(sq_parts) == 1 else torch.cat(sq_parts)
-    else:
-        base_sq = base_sq.to(compute_dtype)
-    cross = (b32 * wa).sum(dim=1)
-    quad = ((b32 @ (a32 @ a32.T)) * b32).sum(dim=1)
+    a = lora_A.detach().to(compute_dtype)
+    b = lora_B.detach().to(compute_dtype)
+    wa, base_sq = _base_products(weight_rows, a, base_sq, chunk_elements, compute_dtype)
+    cross = torch.linalg.vecdot(b, wa)
+    quad = torch.linalg.vecdot(b, b @ (a @ a.T))
     return RowTerms(base_sq, cross, quad)
 
 
 def norm_from_terms(terms: RowTerms, scaling: float) -> Tensor:
-    """||W0_i + s*B_i@A|| from its factored terms, fp32 [out], clamped away from zero."""
+    """||W0_i + s*B_i@A|| from its factored terms, [out], clamped away from zero."""
     sq = terms.base_sq + (2.0 * scaling) * terms.cross + (scaling * scaling) * terms.quad
     # Rounding can push the sum of a (near-)zero row slightly below zero: clamp before the sqrt.
-    return sq.clamp_min(0.0).sqrt().clamp_min(NORM_EPS)
+    return sq.clamp_min(NORM_EPS * NORM_EPS).sqrt()
 
 
+@torch.no_grad()
 def dora_row_norm(
     weight_rows: Tensor,
     lora_A: Tensor,
@@ -120,6 +127,10 @@ def dora_row_norm(
 ) -> Tensor:
     """Per-output-row norm of ``W0 + scaling * B @ A`` without forming it (fp32 [out], no grad).
 
+    The terms are gathered in one [out, r] product, M = 2s W0 A^T + s^2 B (A A^T), so that
+    ||W0_i + s B_i A||^2 = ||W0_i||^2 + B_i . M_i: a handful of small ops per layer, which matters
+    for models with hundreds of narrow layers.
+
     The result carries no gradient: paper section 4.3 treats the norm as a constant in backward,
     which cuts training memory (LLaMA-7B 37.3 -> 28.2 GB) at no real accuracy cost.
 
@@ -129,8 +140,11 @@ def dora_row_norm(
         >>> dora_row_norm(w, a, b, 1.0)  # row 0: ||[4, 4]||; row 1: zero row, clamped
         tensor([5.6569e+00, 1.0000e-12])
     """
-    terms = row_terms(weight_rows, lora_A, lora_B, base_sq=base_sq, chunk_elements=chunk_elements)
-    return norm_from_terms(terms, scaling)
+    a = lora_A.detach().to(torch.float32)
+    b = lora_B.detach().to(torch.float32)
+    wa, base_sq = _base_products(weight_rows, a, base_sq, chunk_elements, torch.float32)
+    m = torch.addmm(wa, b, a @ a.T, beta=2.0 * scaling, alpha=scaling * scaling)  # [out, r]
+    return torch.linalg.vecdot(b, m).add_(base_sq).clamp_min_(NORM_EPS * NORM_EPS).sqrt_()
 
 
 def direct_row_norm(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
