@@ -141,9 +141,17 @@ def dora_row_norm(
         tensor([5.6569e+00, 1.0000e-12])
     """
     a = lora_A.detach().to(torch.float32)
-    b = lora_B.detach().to(torch.float32)
     wa, base_sq = _base_products(weight_rows, a, base_sq, chunk_elements, torch.float32)
-    m = torch.addmm(wa, b, a @ a.T, beta=2.0 * scaling, alpha=scaling * scaling)  # [out, r]
+    return row_norm_from_products(wa, base_sq, lora_A, lora_B, scaling)
+
+
+@torch.no_grad()
+def row_norm_from_products(wa: Tensor, base_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """The row norm from W0 @ A^T ([out, r]) and ||W0_i||^2 ([out]), however these were obtained
+    (a chunked pass over W0, or riding along the base layer's own forward matmul)."""
+    a = lora_A.detach().to(torch.float32)
+    b = lora_B.detach().to(torch.float32)
+    m = torch.addmm(wa.to(torch.float32), b, a @ a.T, beta=2.0 * scaling, alpha=scaling * scaling)  # [out, r]
     return torch.linalg.vecdot(b, m).add_(base_sq).clamp_min_(NORM_EPS * NORM_EPS).sqrt_()
 
 
