@@ -233,3 +233,14 @@ def test_unmerge_is_exact_for_rows_turned_past_90_degrees():
     assert rel_err(wrong, w0) > 0.1
     F.unmerge_rows_(w, a, b, 1.0, m, base_sq=terms.base_sq, turned=turned)
     assert rel_err(w, w0) < 1e-6
+
+
+def test_cancelled_rows_are_recomputed_exactly():
+    # The update almost negates row 0: the factored terms are ~1 while the norm is ~1e-3.
+    w0 = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    a = torch.tensor([[1.0, 0.0]])
+    b = torch.tensor([[-0.999], [0.1]])
+    norm = F.dora_row_norm(w0, a, b, 1.0)
+    exact = torch.linalg.vector_norm(w0.double() + b.double() @ a.double(), dim=1)
+    assert rel_err(norm, exact) < 1e-6
+    assert norm[0].item() == pytest.approx(1e-3, rel=1e-4)
