@@ -127,3 +127,15 @@ def test_load_merged_refuses_a_directory_without_dorakit_files(tmp_path):
     base.save_pretrained(tmp_path / "plain")
     with pytest.raises(FileNotFoundError, match="not written by dorakit.save_merged"):
         dorakit.load_merged(copy.deepcopy(base), tmp_path / "plain")
+
+
+def test_merge_and_unload_refuses_a_tied_adapted_weight_and_changes_nothing():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=96, tie_word_embeddings=True)
+    model = dorakit.inject_adapters(LlamaForCausalLM(cfg), dorakit.DoraConfig(target_modules=["embed_tokens"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="tied weights"):
+        dorakit.merge_and_unload(model)
+    assert dorakit.adapter_layers(model) and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

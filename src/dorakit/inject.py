@@ -152,8 +152,30 @@ def _take_out(model: nn.Module, merge: bool) -> nn.Module:
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and return the model made of plain torch modules
-    (``modules_to_save`` keep their trained copies). Inference then costs exactly the base model's."""
+    (``modules_to_save`` keep their trained copies). Inference then costs exactly the base model's.
+
+    Raises:
+        ValueError: an adapted weight is tied to another module (the model is unchanged).
+    """
+    refuse_tied_adapted_weights(model)
     return _take_out(model, merge=True)
+
+
+def refuse_tied_adapted_weights(model: nn.Module) -> None:
+    """Raise ValueError if an adapted weight is shared with another module (tied weights)."""
+    layers = dict(adapter_layers(model))
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for path, layer in layers.items():
+        names = owners.get(id(layer.base_layer.weight), [])
+        others = [n for n in names if not n.startswith(f"{path}.")]
+        if others:
+            raise ValueError(
+                f"The weight of '{path}' is shared with {others} (tied weights). Merging the adapter into it would "
+                "change those modules too, so the merged model would not compute what the adapted one does. "
+                "Untie them before training (e.g. config.tie_word_embeddings=False) or do not adapt this module."
+            )
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import atomic
 from . import functional as F_dora
-from .inject import adapter_layers, unload
+from .inject import adapter_layers, refuse_tied_adapted_weights, unload
 from .io import load_adapter, save_adapter
 from .keys import is_adapter_key
 from .modules_to_save import ModulesToSave
@@ -49,7 +49,7 @@ def merged_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Te
     """
     layers = dict(adapter_layers(model))
     copies = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
-    _refuse_tied_adapted_weights(model, layers)
+    refuse_tied_adapted_weights(model)
     state: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         plain = _plain_key(key, layers, copies)
@@ -169,21 +169,6 @@ def _plain_key(key: str, layers: dict[str, nn.Module], copies: set[str]) -> str 
         if key.startswith(f"{path}.base_layer."):
             return f"{path}.{key[len(path) + len('.base_layer.'):]}"
     return key
-
-
-def _refuse_tied_adapted_weights(model: nn.Module, layers: dict[str, nn.Module]) -> None:
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    for path, layer in layers.items():
-        names = owners.get(id(layer.base_layer.weight), [])
-        others = [n for n in names if not n.startswith(f"{path}.")]
-        if others:
-            raise ValueError(
-                f"The weight of '{path}' is shared with {others} (tied weights). Merging the adapter into it would "
-                "change those modules too, so the merged model would not compute what the adapted one does. "
-                "Untie them before training (e.g. config.tie_word_embeddings=False) or do not adapt this module."
-            )
 
 
 def _unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
