@@ -118,8 +118,8 @@ def test_cuda_bf16_matches_cpu():
 
 def test_norm_is_computed_once_per_step_and_cached_for_inference(monkeypatch):
     calls = []
-    original = F.row_norm_from_products  # every path ends here: a separate pass, or the base matmul's
-    monkeypatch.setattr(F, "row_norm_from_products", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = F.dora_row_norm
+    monkeypatch.setattr(F, "dora_row_norm", lambda *a, **k: calls.append(1) or original(*a, **k))
     model = adapted_llama(torch.float32)
     layers = len(dorakit.adapter_layers(model))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)

@@ -108,11 +108,20 @@ def row_terms(
     return RowTerms(base_sq, cross, quad)
 
 
+def _squared_norm(terms: RowTerms, scaling: float) -> Tensor:
+    return terms.base_sq + (2.0 * scaling) * terms.cross + (scaling * scaling) * terms.quad
+
+
 def norm_from_terms(terms: RowTerms, scaling: float) -> Tensor:
     """||W0_i + s*B_i@A|| from its factored terms, [out], clamped away from zero."""
-    sq = terms.base_sq + (2.0 * scaling) * terms.cross + (scaling * scaling) * terms.quad
     # Rounding can push the sum of a (near-)zero row slightly below zero: clamp before the sqrt.
-    return sq.clamp_min(NORM_EPS * NORM_EPS).sqrt()
+    return _squared_norm(terms, scaling).clamp_min_(NORM_EPS * NORM_EPS).sqrt_()
+
+
+# A row whose squared norm is below this fraction of the size of its factored terms has cancelled
+# (the update nearly negates the base row): fp32 rounding of the terms could then be more than
+# 1e-5 of the result, so such rows are recomputed directly, in fp64.
+CANCELLATION = 1e-2
 
 
 @torch.no_grad()
@@ -128,7 +137,8 @@ def dora_row_norm(
     """Per-output-row norm of ``W0 + scaling * B @ A`` without forming it (fp32 [out], no grad).
 
     The result carries no gradient: paper section 4.3 treats the norm as a constant in backward,
-    which cuts training memory (LLaMA-7B 37.3 -> 28.2 GB) at no real accuracy cost.
+    which cuts training memory (LLaMA-7B 37.3 -> 28.2 GB) at no real accuracy cost. Rows that
+    cancelled (see ``CANCELLATION``) are recomputed from W0_i + s B_i A, only those rows.
 
     Example:
         >>> w = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
@@ -136,33 +146,10 @@ def dora_row_norm(
         >>> dora_row_norm(w, a, b, 1.0)  # row 0: ||[4, 4]||; row 1: zero row, clamped
         tensor([5.6569e+00, 1.0000e-12])
     """
-    a = lora_A.detach().to(torch.float32)
-    wa, base_sq = _base_products(weight_rows, a, base_sq, chunk_elements, torch.float32)
-    return row_norm_from_products(wa, base_sq, lora_A, lora_B, scaling, weight_rows=weight_rows)
-
-
-# A row whose squared norm is below this fraction of the magnitude of its factored terms has
-# cancelled (the update nearly negates the base row): fp32 rounding of the terms could then be
-# more than 1e-5 of the result, so such rows are recomputed directly, in fp64.
-CANCELLATION = 1e-2
-
-
-@torch.no_grad()
-def row_norm_from_products(
-    wa: Tensor, base_sq: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, *, weight_rows: Tensor | None = None
-) -> Tensor:
-    """The row norm from W0 @ A^T ([out, r]) and ||W0_i||^2 ([out]).
-
-    With ``weight_rows`` given, rows that cancelled (see ``CANCELLATION``) are recomputed from
-    W0_i + s B_i A directly; only those rows, so the cost stays [rows, in] for a handful of rows.
-    """
-    a = lora_A.detach().to(torch.float32)
-    b = lora_B.detach().to(torch.float32)
-    cross = torch.linalg.vecdot(b, wa.to(torch.float32))
-    quad = torch.linalg.vecdot(b, b @ (a @ a.T))
-    sq = base_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
-    if weight_rows is not None and not torch.compiler.is_compiling():
-        size = base_sq + (2.0 * scaling) * cross.abs() + (scaling * scaling) * quad
+    terms = row_terms(weight_rows, lora_A, lora_B, base_sq=base_sq, chunk_elements=chunk_elements)
+    sq = _squared_norm(terms, scaling)
+    if not torch.compiler.is_compiling():
+        size = terms.base_sq + (2.0 * scaling) * terms.cross.abs() + (scaling * scaling) * terms.quad
         cancelled = sq < CANCELLATION * size
         if bool(cancelled.any()):
             rows = cancelled.nonzero().squeeze(1)
@@ -171,12 +158,6 @@ def row_norm_from_products(
             )
             sq[rows] = exact.square().sum(dim=1).to(sq.dtype)
     return sq.clamp_min_(NORM_EPS * NORM_EPS).sqrt_()
-
-
-def direct_row_norm(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
-    """Reference: the same norm from the full [out, in] matrix, in fp32. For tests and checks only."""
-    full = weight_rows.to(torch.float32) + scaling * (lora_B.to(torch.float32) @ lora_A.to(torch.float32))
-    return torch.linalg.vector_norm(full, dim=1).clamp_min(NORM_EPS)
 
 
 def dora_compose(base_out: Tensor, lora_out: Tensor, scale: Tensor, *, base_dropped: Tensor | None = None) -> Tensor:
