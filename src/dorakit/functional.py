@@ -80,6 +80,13 @@ def _base_products(
 
 
 @torch.no_grad()
+def squared_row_norms(weight_rows: Tensor, chunk_elements: int | None = None) -> Tensor:
+    """||W0_i||^2 in fp32 ([out]), reading W0 in bounded chunks (the base products at rank 0)."""
+    rank_zero = torch.zeros(0, weight_rows.shape[1], dtype=torch.float32, device=weight_rows.device)
+    return _base_products(weight_rows, rank_zero, None, chunk_elements, torch.float32)[1]
+
+
+@torch.no_grad()
 def row_terms(
     weight_rows: Tensor,
     lora_A: Tensor,

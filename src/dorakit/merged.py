@@ -22,7 +22,6 @@ from pathlib import Path
 from torch import Tensor, nn
 
 from . import atomic
-from . import functional as F_dora
 from .inject import adapter_layers, refuse_tied_adapted_weights, unload
 from .io import load_adapter, save_adapter
 from .keys import is_adapter_key
@@ -62,17 +61,7 @@ def merged_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Te
             layer_norms = layer.merged_row_norms()
         else:
             weight = layer.base_layer.weight.detach().clone()
-            rows = layer.weight_rows(weight)  # a view of the clone
-            terms = F_dora.merge_rows_(
-                rows, layer.lora_A_rows(), layer.lora_B_rows(), layer.scaling, layer.lora_magnitude_vector
-            )
-            layer._write_back(weight, rows)
-            layer_norms = {}
-            if layer.use_dora:
-                layer_norms = {
-                    "row_norm": F_dora.norm_from_terms(terms, layer.scaling).float(),
-                    "base_row_norm": terms.base_sq.sqrt().float(),
-                }
+            layer_norms = {name: v.float() for name, v in layer.merge_into(weight).items()}
         state[f"{path}.weight"] = weight
         norms.update({f"{path}.{name}": v for name, v in layer_norms.items()})
     return state, norms

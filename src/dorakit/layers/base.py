@@ -74,10 +74,9 @@ class AdapterLayer(nn.Module):
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 and self.supports_dropout else nn.Identity()
         self.merged = False
         self.disabled = False
-        # While merged (DoRA): the pre-merge row norms ||W0 + sBA||_row, which undo the merge exactly,
-        # and ||W0||_row, which checks that undo. Both are [out] vectors that files can carry.
-        self._merged_norm: Tensor | None = None
-        self._merged_base_norm: Tensor | None = None
+        # While merged (DoRA): {"row_norm": ||W0 + sBA||_row, which undoes the merge exactly,
+        # "base_row_norm": ||W0||_row, which checks that undo}, [out] each, as files carry them.
+        self._merged_norms: dict[str, Tensor] = {}
         # Derived tensors cached until their inputs change: name -> (key, value). See `_cached`.
         self._cache: dict[str, tuple] = {}
 
@@ -200,18 +199,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             raise RuntimeError("The base weight holds the merged adapter; unmerge() first.")
         weight = self.base_weight()
-
-        def compute() -> Tensor:
-            with torch.no_grad():
-                rows = self.weight_rows(weight.detach())
-                return torch.cat(
-                    [
-                        torch.linalg.vector_norm(rows[chunk].to(torch.float32), dim=1).square()
-                        for chunk in F_dora.row_chunks(rows.shape[0], rows.shape[1])
-                    ]
-                )
-
-        return self._cached("base_sq", (weight,), compute)
+        return self._cached("base_sq", (weight,), lambda: F_dora.squared_row_norms(self.weight_rows(weight.detach())))
 
     def row_norm(self) -> Tensor:
         """||W0 + s B A||_row, fp32 [out], detached (paper section 4.3); cached until A, B or the
@@ -233,10 +221,6 @@ class AdapterLayer(nn.Module):
         """g = m / ||W0 + s B A||_row as [out]; gradients reach m, not the norm."""
         magnitude = self.lora_magnitude_vector.reshape(-1)
         return magnitude / self.row_norm().to(magnitude.dtype)
-
-    def delta_weight_rows(self) -> Tensor:
-        """s B A as [out, in] (materialised: for inspection and tests, never used by the fast paths)."""
-        return self.scaling * (self.lora_B_rows() @ self.lora_A_rows())
 
     def cast_input(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
@@ -281,28 +265,28 @@ class AdapterLayer(nn.Module):
             inputs += (self.bias,)
         return self._cached("fused_terms", inputs, compute, extra=(self.scaling,))
 
-    def _writable_rows(self) -> tuple[Tensor, Tensor]:
-        weight = self.base_weight().detach()
-        return weight, self.weight_rows(weight)
-
-    @staticmethod
-    def _write_back(weight: Tensor, rows: Tensor) -> None:
+    def _write_back(self, weight: Tensor, rows: Tensor) -> None:
         if not _shares_storage(weight, rows):  # the rows were a copy (e.g. a channels-last conv)
             weight.copy_(rows.reshape(weight.shape))
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into the base weight. Idempotent: merging a merged layer does nothing."""
-        if self.merged:
-            return
-        weight, rows = self._writable_rows()
+    def merge_into(self, weight: Tensor) -> dict[str, Tensor]:
+        """Fold the adapter into ``weight`` in place: the base weight itself, or a copy of it (a
+        merged checkpoint is written from copies). Returns the norms that undo it (DoRA; fp64)."""
+        rows = self.weight_rows(weight)
         terms = F_dora.merge_rows_(
             rows, self.lora_A_rows(), self.lora_B_rows(), self.scaling, self.lora_magnitude_vector
         )
         self._write_back(weight, rows)
-        if self.use_dora:
-            self._merged_norm = F_dora.norm_from_terms(terms, self.scaling)
-            self._merged_base_norm = terms.base_sq.sqrt()
+        if not self.use_dora:
+            return {}
+        return {"row_norm": F_dora.norm_from_terms(terms, self.scaling), "base_row_norm": terms.base_sq.sqrt()}
+
+    def merge(self) -> None:
+        """Fold the adapter into the base weight. Idempotent: merging a merged layer does nothing."""
+        if self.merged:
+            return
+        self._merged_norms = self.merge_into(self.base_weight().detach())
         self.merged = True
 
     @torch.no_grad()
@@ -314,26 +298,26 @@ class AdapterLayer(nn.Module):
         """
         if not self.merged:
             return
-        weight, rows = self._writable_rows()
+        weight = self.base_weight().detach()
+        rows = self.weight_rows(weight)
+        base_norm = self._merged_norms.get("base_row_norm")
         F_dora.unmerge_rows_(
             rows,
             self.lora_A_rows(),
             self.lora_B_rows(),
             self.scaling,
             self.lora_magnitude_vector,
-            merge_norm=self._merged_norm,
-            base_sq=None if self._merged_base_norm is None else self._merged_base_norm.square(),
+            merge_norm=self._merged_norms.get("row_norm"),
+            base_sq=None if base_norm is None else base_norm.square(),
         )
         self._write_back(weight, rows)
-        self._merged_norm = self._merged_base_norm = None
+        self._merged_norms = {}
         self.merged = False
 
     def merged_row_norms(self) -> dict[str, Tensor]:
         """While merged with DoRA: ``{"row_norm": ||W0 + sBA||_row, "base_row_norm": ||W0||_row}``,
         fp32 [out] each, to store with a merged checkpoint; empty otherwise."""
-        if self._merged_norm is None:
-            return {}
-        return {"row_norm": self._merged_norm.float(), "base_row_norm": self._merged_base_norm.float()}
+        return {name: v.float() for name, v in self._merged_norms.items()}
 
     def set_merged(self, row_norm: Tensor | None = None, base_row_norm: Tensor | None = None) -> None:
         """Declare that the base weight already holds this adapter merged (a merged checkpoint was
@@ -343,14 +327,12 @@ class AdapterLayer(nn.Module):
         if self.use_dora:
             if row_norm is None and base_row_norm is None:
                 raise ValueError("A merged DoRA layer needs the row norms saved at merge time to unmerge.")
-            device = self.base_weight().device
-            self._merged_norm, self._merged_base_norm = (
-                None if v is None else self._check_vector(v).to(device) for v in (row_norm, base_row_norm)
-            )
+            given = {"row_norm": row_norm, "base_row_norm": base_row_norm}
+            self._merged_norms = {name: self._check_vector(v) for name, v in given.items() if v is not None}
         self.merged = True
 
     def _check_vector(self, v: Tensor) -> Tensor:
-        v = v.detach().reshape(-1).to(torch.float64)
+        v = v.detach().reshape(-1).to(device=self.base_weight().device, dtype=torch.float64)
         if v.numel() != self.out_features:
             raise ValueError(f"Expected {self.out_features} row norms for this layer, got {v.numel()}.")
         return v
