@@ -71,14 +71,28 @@ def adapt(base: torch.nn.Module, method: str, spec: ModelSpec, *, in_place: bool
     return peft.get_peft_model(model, cfg)
 
 
-def copy_adapter_weights(src: torch.nn.Module, dst: torch.nn.Module) -> None:
-    """Give a dorakit model the PEFT model's adapter values (so their losses must agree)."""
+def build_methods(base: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.nn.Module]:
+    """The four methods on copies of ``base``. The PEFT DoRA adapter gets a non-zero B (a
+    non-identity adapter) and dorakit's DoRA model its exact values, so their outputs must agree."""
     import peft
 
     from dorakit.keys import from_peft_key
 
-    state = {from_peft_key(k): v for k, v in peft.get_peft_model_state_dict(src).items()}
-    dst.load_state_dict(state, strict=False)
+    models = {method: adapt(base, method, spec) for method in METHODS}
+    with torch.no_grad():
+        for name, param in models["peft_dora"].named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    state = {from_peft_key(k): v for k, v in peft.get_peft_model_state_dict(models["peft_dora"]).items()}
+    models["dorakit_dora"].load_state_dict(state, strict=False)
+    return models
+
+
+def parse_batches(text: str | None, spec: ModelSpec) -> list[tuple[int, int]]:
+    """"4x256,1x128" -> [(4, 256), (1, 128)]; None -> the model's default batches."""
+    if not text:
+        return spec.batches
+    return [tuple(map(int, b.split("x"))) for b in text.split(",")]
 
 
 def environment(threads: int, dtype: torch.dtype) -> dict:

@@ -17,7 +17,7 @@ import torch
 
 import dorakit
 
-from .common import METHODS, SPECS, adapt, build_base, copy_adapter_weights, environment, interleaved, summarise, write_result
+from .common import METHODS, SPECS, build_base, build_methods, environment, parse_batches, interleaved, summarise, write_result
 
 
 def main() -> None:
@@ -30,16 +30,11 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = SPECS[args.model]
-    batches = [tuple(map(int, b.split("x"))) for b in args.batches.split(",")] if args.batches else spec.batches
+    batches = parse_batches(args.batches, spec)
     import peft.tuners.lora.dora as peft_dora_module
 
     base = build_base(spec)
-    models = {method: adapt(base, method, spec).eval() for method in METHODS}
-    with torch.no_grad():
-        for name, param in models["peft_dora"].named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.01)
-    copy_adapter_weights(models["peft_dora"], models["dorakit_dora"])
+    models = {m: model.eval() for m, model in build_methods(base, spec).items()}
     merged = dorakit.merge_and_unload(copy.deepcopy(models["dorakit_dora"])).eval()
     # A separate copy: PEFT clears its DoRA cache whenever a forward runs with caching off.
     peft_cached = copy.deepcopy(models["peft_dora"]).eval()

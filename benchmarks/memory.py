@@ -18,13 +18,7 @@ import sys
 
 import torch
 
-from .common import METHODS, SPECS, adapt, build_base, environment, write_result
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    return pages * resource.getpagesize() / 2**20
+from .common import METHODS, SPECS, adapt, build_base, environment, parse_batches, rss_mb, write_result
 
 
 def child(method: str, model_name: str, batch: int, seq: int, steps: int, threads: int) -> dict:
@@ -57,7 +51,7 @@ def main() -> None:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     spec = SPECS[args.model]
-    batches = [tuple(map(int, b.split("x"))) for b in args.batches.split(",")] if args.batches else spec.batches
+    batches = parse_batches(args.batches, spec)
     if args.child:
         batch, seq = batches[0]
         print(json.dumps(child(args.child, args.model, batch, seq, args.steps, args.threads)))

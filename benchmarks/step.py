@@ -14,7 +14,7 @@ import argparse
 
 import torch
 
-from .common import METHODS, SPECS, adapt, build_base, copy_adapter_weights, environment, interleaved, summarise, write_result
+from .common import METHODS, SPECS, build_base, build_methods, environment, parse_batches, interleaved, summarise, write_result
 
 
 def main() -> None:
@@ -27,15 +27,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = SPECS[args.model]
-    batches = [tuple(map(int, b.split("x"))) for b in args.batches.split(",")] if args.batches else spec.batches
+    batches = parse_batches(args.batches, spec)
 
     base = build_base(spec)
-    models = {method: adapt(base, method, spec) for method in METHODS}
-    with torch.no_grad():  # a non-identity adapter, the same in both DoRA implementations
-        for name, param in models["peft_dora"].named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.01)
-    copy_adapter_weights(models["peft_dora"], models["dorakit_dora"])
+    models = build_methods(base, spec)
     optimizers = {
         m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4) for m, model in models.items()
     }
