@@ -108,7 +108,7 @@ def _warn_unused_patterns(config: DoraConfig, targets: list[str]) -> None:
         ("rank_pattern", config.rank_pattern),
         ("alpha_pattern", config.alpha_pattern),
     ):
-        used = {key for key in patterns for path in targets if pattern_key(patterns, path) == key}
+        used = {pattern_key(patterns, path) for path in targets}
         unused = sorted(set(patterns) - used)
         if unused:
             warnings.warn(f"{field_name} keys {unused} match no targeted module and are ignored.", stacklevel=3)
