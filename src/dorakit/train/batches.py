@@ -1,0 +1,140 @@
+"""Examples -> token ids with the prompt masked out of the loss; the seeded split, order and batches.
+
+The order is a stream of per-epoch permutations fixed by the seed, so the data position of a run is one
+integer (examples consumed) and a resumed run reads exactly the batches the interrupted one would have.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .data import Dataset, Example
+
+IGNORE = -100  # label value the loss skips (PyTorch's and transformers' convention)
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # causal LM: IGNORE where not trained; classification: unused
+    class_id: int | None = None
+
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss counts: a label at position 0 has nothing before it to predict it from."""
+        if self.class_id is not None:
+            return 1
+        return sum(1 for t in self.labels[1:] if t != IGNORE)
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return tokenizer(text, add_special_tokens=special)["input_ids"]
+
+
+def _chat_segments(tokenizer, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation cut into (text, trained) pieces: every assistant turn is trained.
+
+    Each assistant turn's span is found by rendering the conversation up to it with and without the
+    turn; a template whose shorter renderings are not prefixes of the longer ones cannot be split."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: chat 'messages' data needs a tokenizer with a chat template; this one has none.")
+
+    def render(turns, generation_prompt=False):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+    pieces, done = [], ""
+    for index, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        before = render(messages[:index], True) if index else ""  # the prompt this turn answers
+        after = render(messages[: index + 1])
+        if not before.startswith(done) or not after.startswith(before):
+            raise ValueError(f"{where}: the tokenizer's chat template does not render this conversation "
+                             "incrementally, so its assistant turns cannot be located.")
+        pieces += [(before[len(done):], False), (after[len(before):], True)]
+        done = after
+    rest = render(messages)[len(done):]
+    return pieces + [(rest, False)]
+
+
+def encode(example: Example, tokenizer, max_length: int, label_ids: dict[str, int] | None = None) -> Encoded | None:
+    """Token ids and labels for one example; None when truncation leaves nothing to learn.
+
+    ``label_ids`` given: classification (the raw text, and the label's class id)."""
+    if label_ids is not None:
+        return Encoded(_ids(tokenizer, example.text or example.prompt, True)[:max_length], [],
+                       class_id=label_ids[example.label])
+    if example.messages is not None:
+        ids, labels = [], []
+        for text, trained in _chat_segments(tokenizer, example.messages, example.source):
+            piece = _ids(tokenizer, text, False)
+            ids += piece
+            labels += piece if trained else [IGNORE] * len(piece)
+    else:
+        prompt = _ids(tokenizer, example.prompt, True) if example.prompt else []
+        target = _ids(tokenizer, example.target, not example.prompt)
+        if tokenizer.eos_token_id is not None and example.prompt:
+            target = target + [tokenizer.eos_token_id]  # learn to stop after the answer
+        ids, labels = prompt + target, [IGNORE] * len(prompt) + target
+    item = Encoded(ids[:max_length], labels[:max_length])
+    return item if item.target_tokens else None
+
+
+def encode_all(dataset: Dataset, tokenizer, max_length: int,
+               label_ids: dict[str, int] | None = None) -> list[Encoded]:
+    """Encode every example; the dropped ones (nothing left to learn after truncation) are counted.
+
+    Raises:
+        ValueError: every example was dropped.
+    """
+    encoded = [encode(e, tokenizer, max_length, label_ids) for e in dataset.examples]
+    kept = [e for e in encoded if e is not None]
+    if not kept:
+        raise ValueError(f"{dataset.path}: no example has a target token within --max-length {max_length} "
+                         f"(all {len(encoded)} were dropped); raise --max-length or shorten the prompts.")
+    return kept
+
+
+def split(items: list, fraction: float, seed: int, max_val: int) -> tuple[list, list]:
+    """(train, validation): a seeded random ``fraction`` (at most ``max_val``) held out."""
+    if fraction <= 0 or len(items) < 2:
+        return items, []
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
+    count = min(max_val, max(1, round(len(items) * fraction)), len(items) - 1)
+    held = set(order[:count])
+    return [x for i, x in enumerate(items) if i not in held], [items[i] for i in order[:count]]
+
+
+def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
+    """Items ``start .. start+count`` of the endless stream of seeded per-epoch permutations of range(n)."""
+    out, cache = [], {}
+    for k in range(start, start + count):
+        epoch = k // n
+        if epoch not in cache:
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+            cache[epoch] = torch.randperm(n, generator=gen).tolist()
+        out.append(cache[epoch][k % n])
+    return out
+
+
+def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
+    """Right-padded batch: input_ids, attention_mask and labels (causal LM) or class labels."""
+    width = max(len(x.input_ids) for x in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (batch, width)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    labels = torch.full((len(items), width), IGNORE, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item.input_ids)
+        ids[row, :n] = torch.tensor(item.input_ids)
+        mask[row, :n] = 1
+        if item.class_id is None:
+            labels[row, :n] = torch.tensor(item.labels)
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if items[0].class_id is not None:
+        batch["labels"] = torch.tensor([x.class_id for x in items])
+    else:
+        batch["labels"] = labels
+    return batch

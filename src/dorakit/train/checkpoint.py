@@ -1,0 +1,111 @@
+"""Resumable training state, written atomically, without pickle.
+
+    checkpoint/
+      adapter/                 the adapter in PEFT's format (usable on its own, like any saved adapter)
+      optimizer.safetensors    AdamW's per-parameter state and the RNG states, as tensors
+      state.json               step, data position, optimizer hyper-parameters, scheduler, Python RNG, config
+
+The directory is built under a temporary name and renamed over the previous one, so a crash or a full
+disk while writing leaves the previous checkpoint whole.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import atomic
+from ..io import load_adapter_tensors, read_adapter_tensors, save_adapter
+
+STATE_NAME = "state.json"
+TENSORS_NAME = "optimizer.safetensors"
+FORMAT = 1
+
+
+@dataclass
+class Progress:
+    """Where a run is: restored exactly on resume."""
+
+    step: int = 0  # optimizer steps done
+    position: int = 0  # training examples consumed (index into the seeded order stream)
+    tokens: int = 0  # trained tokens seen
+    elapsed: float = 0.0  # seconds of training so far, across resumes
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, Tensor):
+        return value.item()
+    return value
+
+
+def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, config: dict) -> None:
+    """Write the whole training state to ``directory`` (replacing the previous checkpoint atomically)."""
+    from safetensors.torch import save_file
+
+    opt = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    for index, slots in opt["state"].items():
+        for name, value in slots.items():
+            tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        for device, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{device}"] = rng
+    state = {
+        "format": FORMAT,
+        "progress": progress.__dict__,
+        "param_groups": _json_safe(opt["param_groups"]),
+        "scheduler": _json_safe({k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}),
+        "python_rng": _json_safe(random.getstate()),
+        "config": config,
+    }
+    with atomic.new_directory(directory, overwrite=True, what="checkpoint") as tmp:
+        save_adapter(model, tmp / "adapter")
+        save_file(tensors, str(tmp / TENSORS_NAME))
+        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
+
+
+def read_state(directory: Path) -> dict:
+    """The checkpoint's state.json (step, position, config ...), or an error saying there is none."""
+    path = directory / STATE_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint in {directory}: there is nothing to resume. Start the run without --resume.")
+    state = json.loads(path.read_text(encoding="utf-8"))
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{path} has checkpoint format {state.get('format')}, this dorakit reads format {FORMAT}.")
+    return state
+
+
+def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                       scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
+    """Load adapter, optimizer, scheduler and RNG states into a freshly built run; returns its progress."""
+    from safetensors.torch import load_file
+
+    state = read_state(directory)
+    load_adapter_tensors(model, read_adapter_tensors(directory / "adapter"), source=str(directory / "adapter"))
+    tensors = load_file(str(directory / TENSORS_NAME))
+    slots: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda_states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda_states)
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**state["progress"])

@@ -1,0 +1,157 @@
+"""Evaluation: loss and perplexity, and accuracy for label-style targets.
+
+Two accuracies, as label-style benchmarks report them:
+- ranking: every candidate label is scored by its summed log-likelihood after the prompt and the best
+  one is the answer (no parsing; what lm-eval-harness does for multiple choice). When each candidate is
+  one distinct token, one forward pass of the prompt scores them all.
+- generation: greedy decoding, then the answer is the candidate named earliest in the output (word
+  match, any case); an output naming none counts as wrong and is counted as unparsed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .batches import Encoded, collate
+from .data import Example, join_target
+from .loss import autocast, loss_sum, selective_head
+
+
+@dataclass
+class EvalSetup:
+    model: nn.Module
+    tokenizer: object
+    task: str
+    device: torch.device
+    autocast: torch.dtype | None = None
+    batch_size: int = 16
+
+
+def _chunks(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+@torch.no_grad()
+def evaluate_loss(setup: EvalSetup, items: list[Encoded]) -> dict[str, float]:
+    """Mean loss per trained token (per example for classification) and its perplexity."""
+    was_training = setup.model.training
+    setup.model.eval()
+    selective = setup.task != "classification" and selective_head(setup.model)
+    total, count = 0.0, 0
+    for chunk in _chunks(items, setup.batch_size):
+        batch = {k: v.to(setup.device) for k, v in collate(chunk, setup.tokenizer.pad_token_id).items()}
+        with autocast(setup.device, setup.autocast):
+            total += loss_sum(setup.model, batch, setup.task, selective).item()
+        count += sum(x.target_tokens for x in chunk)
+    setup.model.train(was_training)
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+
+@torch.no_grad()
+def rank_accuracy(setup: EvalSetup, examples: list[Example], labels: list[str]) -> dict[str, float]:
+    """Accuracy of picking the most likely candidate label (see the module docstring)."""
+    model, tok = setup.model, setup.tokenizer
+    was_training = model.training
+    model.eval()
+    if setup.task == "classification":
+        items = [Encoded(tok(e.text, add_special_tokens=True)["input_ids"], [], class_id=labels.index(e.label))
+                 for e in examples]
+        correct = 0
+        for chunk in _chunks(items, setup.batch_size):
+            batch = {k: v.to(setup.device) for k, v in collate(chunk, tok.pad_token_id).items()}
+            with autocast(setup.device, setup.autocast):
+                logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+        model.train(was_training)
+        return {"accuracy": correct / len(examples), "examples": len(examples)}
+    correct = 0
+    for chunk in _chunks(examples, setup.batch_size):
+        prompts = [_prompt_ids(tok, e.prompt) for e in chunk]
+        # targets[i][j]: tokens of label j after prompt i (the space rule can depend on the prompt's end)
+        targets = [[tok(join_target(e.prompt, label), add_special_tokens=False)["input_ids"] for label in labels]
+                   for e in chunk]
+        if all(len(t) == 1 for row in targets for t in row):
+            scores = _next_token_scores(setup, prompts, targets)
+        else:
+            scores = torch.stack([_sequence_scores(setup, prompts, [row[j] for row in targets])
+                                  for j in range(len(labels))], 1)
+        picked = scores.argmax(1).tolist()  # (examples,) index of the most likely label
+        correct += sum(labels[p] == e.label for p, e in zip(picked, chunk))
+    model.train(was_training)
+    return {"accuracy": correct / len(examples), "examples": len(examples)}
+
+
+def _logits(setup: EvalSetup, items: list[Encoded]) -> tuple[torch.Tensor, dict]:
+    batch = {k: v.to(setup.device) for k, v in collate(items, setup.tokenizer.pad_token_id).items()}
+    with autocast(setup.device, setup.autocast):
+        logits = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return logits.float(), batch
+
+
+def _next_token_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[list[int]]]) -> torch.Tensor:
+    """Single-token labels: one forward of the prompts scores every label. Returns (examples, labels)."""
+    logits, _ = _logits(setup, [Encoded(p, p) for p in prompts])
+    last = torch.tensor([len(p) - 1 for p in prompts], device=logits.device)
+    logp = torch.log_softmax(logits[torch.arange(len(prompts), device=logits.device), last], -1)  # (B, vocab)
+    ids = torch.tensor([[t[0] for t in row] for row in targets], device=logits.device)  # (B, labels)
+    return logp.gather(1, ids).cpu()
+
+
+def _sequence_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+    """Summed log-probability of each prompt's target tokens: one batched forward. Returns (examples,)."""
+    items = [Encoded(p + t, [-100] * len(p) + t) for p, t in zip(prompts, targets)]
+    logits, batch = _logits(setup, items)
+    logp = torch.log_softmax(logits[:, :-1], -1)  # (B, T-1, vocab): position t predicts t+1
+    labels = batch["labels"][:, 1:]
+    keep = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
+    return (picked * keep).sum(1).cpu()
+
+
+def extract_answer(text: str, labels: list[str]) -> str | None:
+    """The candidate label named earliest in ``text`` (whole word, any case), or None."""
+    best, where = None, len(text) + 1
+    for label in labels:
+        match = re.search(rf"(?<!\w){re.escape(label)}(?!\w)", text, flags=re.IGNORECASE)
+        if match and match.start() < where:
+            best, where = label, match.start()
+    return best
+
+
+@torch.no_grad()
+def generation_accuracy(setup: EvalSetup, examples: list[Example], labels: list[str],
+                        max_new_tokens: int = 8) -> dict[str, float]:
+    """Greedy-decode an answer for each prompt and extract the label it names."""
+    model, tok = setup.model, setup.tokenizer
+    was_training = model.training
+    model.eval()
+    correct = unparsed = 0
+    for chunk in _chunks(examples, setup.batch_size):
+        # Left padding, so every prompt ends where generation starts.
+        prompts = [_prompt_ids(tok, e.prompt) for e in chunk]
+        width = max(map(len, prompts))
+        ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, p in enumerate(prompts):
+            ids[row, width - len(p):] = torch.tensor(p)
+            mask[row, width - len(p):] = 1
+        with autocast(setup.device, setup.autocast):
+            out = model.generate(input_ids=ids.to(setup.device), attention_mask=mask.to(setup.device),
+                                 max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for row, example in enumerate(chunk):
+            answer = extract_answer(tok.decode(out[row, width:], skip_special_tokens=True), labels)
+            unparsed += answer is None
+            correct += answer == example.label
+    model.train(was_training)
+    return {"accuracy": correct / len(examples), "unparsed": unparsed, "examples": len(examples)}

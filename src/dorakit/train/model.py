@@ -1,0 +1,118 @@
+"""The model a run trains: loaded for its task, with its tokenizer, adapters injected per the options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import DoraConfig
+from ..hf import DTYPES, require_transformers
+from ..inject import inject_adapters
+from .options import TrainConfig
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+CLASSIFIER_HEADS = ("score", "classifier")  # the new head of transformers' *ForSequenceClassification
+ALL_LINEAR = "all-linear"  # every Linear/Conv1D of attention and MLP; never the output head
+
+
+@dataclass
+class Loaded:
+    model: nn.Module
+    tokenizer: object
+    task: str  # "causal-lm" or "classification"
+    device: torch.device
+    autocast: torch.dtype | None  # the autocast dtype, None for plain fp32
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """A readable transformers checkpoint directory, or an error that says what is missing."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"Model directory {path} does not exist.")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json; --model must be a transformers checkpoint directory "
+                                "(what save_pretrained writes).")
+    if not any((path / name).is_file() for name in WEIGHT_FILES):
+        raise FileNotFoundError(f"{path} has a config but no weights (none of {', '.join(WEIGHT_FILES)}).")
+    return path
+
+
+def resolve_task(path: Path, task: str) -> str:
+    if task != "auto":
+        return task
+    transformers = require_transformers()
+    names = getattr(transformers.AutoConfig.from_pretrained(path), "architectures", None) or []
+    if any(n.endswith("ForSequenceClassification") for n in names):
+        return "classification"
+    if any(n.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for n in names):
+        return "causal-lm"
+    raise ValueError(f"Cannot tell the task of {path} from its architectures {names}; pass --task causal-lm "
+                     "or --task classification.")
+
+
+def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    # auto: bf16 only where it is fast; on CPUs bf16 autocast is usually slower than fp32.
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str] | None) -> Loaded:
+    """Model + tokenizer for the run's task, adapters injected and only they (and saved modules) trainable.
+
+    Raises:
+        FileNotFoundError / ValueError: a directory without weights or tokenizer, classification without
+            labels, targets the model does not have.
+    """
+    path = check_model_dir(model_dir)
+    task = resolve_task(path, cfg.task)
+    model, tokenizer = load_model(path, task, cfg.dtype, labels)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    torch.manual_seed(cfg.seed)  # adapter init (A) is part of what --seed fixes
+    inject_adapters(model, adapter_config(cfg, model, task, str(path)))
+    return Loaded(model, tokenizer, task, device, pick_autocast(cfg.precision, device))
+
+
+def load_model(path: Path, task: str, dtype: str, labels: list[str] | None):
+    """(model, tokenizer) of a checkpoint for ``task``; a classifier gets one output per label (a new
+    head when the checkpoint's does not fit) and a tokenizer without a pad token pads with EOS."""
+    transformers = require_transformers()
+    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError(f"The tokenizer of {path} has neither a pad nor an end-of-sequence token.")
+        tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; any id will do
+    if task == "classification":
+        if not labels:
+            raise ValueError("A classification model needs text/label data (a 'label' field).")
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def adapter_config(cfg: TrainConfig, model: nn.Module, task: str, base: str) -> DoraConfig:
+    heads = [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)] if task == "classification" else []
+    save = list(dict.fromkeys((cfg.modules_to_save or []) + heads))  # a fresh head must train fully
+    return DoraConfig(
+        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.target_modules if cfg.target_modules else ALL_LINEAR,
+        exclude_modules=heads or None, use_dora=cfg.method == "dora", use_rslora=cfg.use_rslora,
+        modules_to_save=save or None, task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
+        base_model_name_or_path=base,
+    )

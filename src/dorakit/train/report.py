@@ -1,0 +1,90 @@
+"""What a run leaves for people and tools: metrics.jsonl, the loss curve, summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+from .. import atomic
+
+METRICS_NAME = "metrics.jsonl"
+SUMMARY_NAME = "summary.json"
+PLOT_NAME = "loss.png"
+
+
+def read_metrics(output: Path) -> list[dict[str, Any]]:
+    path = output / METRICS_NAME
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def truncate_metrics(output: Path, step: int) -> None:
+    """Drop the lines of steps after ``step`` (written after the checkpoint a run resumes from), so the
+    resumed run's file reads as if the run had never stopped."""
+    kept = [m for m in read_metrics(output) if m["step"] <= step]
+    text = "".join(json.dumps(m) + "\n" for m in kept)
+    atomic.write_file(output / METRICS_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+class MetricsLog:
+    """Appends one JSON object per optimizer step, flushed at once (a crash loses no logged step)."""
+
+    def __init__(self, output: Path) -> None:
+        self.handle = open(output / METRICS_NAME, "a", encoding="utf-8")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.handle.write(json.dumps(record) + "\n")
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.handle.close()
+
+
+def plot_losses(output: Path, title: str) -> Path | None:
+    """loss.png: training loss per step (and validation loss where evaluated). None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only; never needs a display
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    metrics = read_metrics(output)
+    if not metrics:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([m["step"] for m in metrics], [m["loss"] for m in metrics], lw=1, label="train loss")
+    val = [m for m in metrics if "val_loss" in m]
+    if val:
+        ax.plot([m["step"] for m in val], [m["val_loss"] for m in val], "o-", label="validation loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (nats per trained token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = output / PLOT_NAME
+    atomic.write_file(path, lambda p: fig.savefig(p, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
+def versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ("dorakit", "torch", "transformers", "safetensors", "peft"):
+        module = sys.modules.get(name)
+        if module is not None and hasattr(module, "__version__"):
+            out[name] = module.__version__
+    return out
+
+
+def write_summary(output: Path, summary: dict[str, Any]) -> Path:
+    summary = {**summary, "versions": versions(), "host": {"cpus": os.cpu_count()}}
+    text = json.dumps(summary, indent=2, default=str)
+    atomic.write_file(output / SUMMARY_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    return output / SUMMARY_NAME

@@ -1,0 +1,134 @@
+"""`dorakit train | eval | generate` run as a user runs them (a subprocess), on tiny models built here."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dorakit.train import TrainConfig
+
+from .train_assets import colour_records, make_model_dir, write_jsonl
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+
+def dorakit(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dorakit", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    make_model_dir(root / "model")
+    write_jsonl(root / "train.jsonl", colour_records(240, seed=0))
+    write_jsonl(root / "test.jsonl", colour_records(60, seed=1))
+    return root
+
+
+FAST = ("--batch-size", 8, "--lr", 1e-2, "--no-progress")
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_help_shows_every_option_with_its_default():
+    top = dorakit("--help")
+    assert top.returncode == 0
+    for command in ("train", "eval", "generate", "merge"):
+        assert command in top.stdout
+    sub = dorakit("train", "--help")
+    assert sub.returncode == 0
+    for option in ("--model", "--data", "--output", "--max-steps", "--batch-size", "--seed", "--resume", "--config",
+                   "--name", "--lr", "--schedule", "--gradient-checkpointing", "--target-modules", "--eval-every"):
+        assert option in sub.stdout, option
+    assert sub.stdout.count("(default:") == len(dataclasses.fields(TrainConfig))  # every option, with its default
+
+
+@pytest.fixture(scope="module")
+def trained(workdir):
+    out = workdir / "run"
+    done = dorakit("train", "--model", workdir / "model", "--data", workdir / "train.jsonl", "--output", out,
+                   "--max-steps", 60, "--eval-every", 30, *FAST)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_train_writes_adapter_metrics_summary_and_plot(trained):
+    rows = metrics(trained)
+    assert [r["step"] for r in rows] == list(range(1, 61))
+    assert all({"loss", "lr", "grad_norm", "tokens_per_s"} <= set(r) for r in rows)
+    assert rows[-1]["val_accuracy"] >= 0.75  # learned the colour -> label task (chance: 1/3)
+    assert rows[-1]["loss"] < rows[0]["loss"] / 4
+    summary = json.loads((trained / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["steps"] == 60
+    assert summary["config"]["lr"] == 1e-2 and "torch" in summary["versions"]
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (trained / "checkpoint").exists() or (trained / "checkpoint" / "state.json").is_file()
+
+
+def test_adapter_loads_in_peft_with_the_same_outputs(trained, workdir):
+    import dorakit as dk
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(workdir / "model").eval()
+    ours = dk.load_adapter(transformers.AutoModelForCausalLM.from_pretrained(workdir / "model"), trained / "adapter").eval()
+    theirs = peft.PeftModel.from_pretrained(base, trained / "adapter").eval()
+    ids = torch.randint(4, 60, (2, 9))
+    with torch.no_grad():
+        a, b = ours(ids).logits, theirs(ids).logits
+    assert (a - b).abs().max() < 1e-5
+
+
+def test_eval_and_generate_commands(trained, workdir):
+    done = dorakit("eval", "--model", workdir / "model", "--adapter", trained / "adapter", "--data",
+                   workdir / "test.jsonl", "--accuracy", "both", "--out", workdir / "eval.json")
+    assert done.returncode == 0, done.stderr
+    result = json.loads((workdir / "eval.json").read_text())
+    assert result["examples"] == 60 and 0 <= result["generate_accuracy"] <= 1 and "perplexity" in result
+    base = json.loads(dorakit("eval", "--model", workdir / "model", "--data", workdir / "test.jsonl").stdout)
+    assert result["rank_accuracy"] >= base["rank_accuracy"] + 0.25 and base["loss"] > 2 * result["loss"]
+    gen = dorakit("generate", "--model", workdir / "model", "--adapter", trained / "adapter", "--chat", "off",
+                  "--prompt", "Text: the red sky\nLabel:", "--max-new-tokens", 2)
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.strip().split()[0] == "warm"
+
+
+def test_named_configurations_from_a_file_with_overrides(workdir, tmp_path):
+    (tmp_path / "runs.yaml").write_text(
+        f"tiny_dora_r4:\n  model: {workdir / 'model'}\n  data: {workdir / 'train.jsonl'}\n  r: 4\n  max_steps: 3\n"
+        f"tiny_lora_r8:\n  model: {workdir / 'model'}\n  data: {workdir / 'train.jsonl'}\n  method: lora\n",
+        encoding="utf-8")
+    out = tmp_path / "run"
+    done = dorakit("train", "--config", tmp_path / "runs.yaml", "--name", "tiny_dora_r4", "--output", out,
+                   "--max-steps", 2, *FAST)
+    assert done.returncode == 0, done.stderr
+    assert len(metrics(out)) == 2  # the command line wins over the file
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    wrong = dorakit("train", "--config", tmp_path / "runs.yaml", "--name", "tiny_dora_r5", "--output", tmp_path / "x")
+    assert wrong.returncode == 2 and "Did you mean 'tiny_dora_r4'?" in wrong.stderr
+    none = dorakit("train", "--config", tmp_path / "runs.yaml", "--output", tmp_path / "x")
+    assert none.returncode == 2 and "choose one with --name" in none.stderr
+    (tmp_path / "bad.json").write_text(json.dumps({"learning_rate": 1e-3, "model": "m"}), encoding="utf-8")
+    bad = dorakit("train", "--config", tmp_path / "bad.json")
+    assert bad.returncode == 2 and "Unknown option 'learning_rate'" in bad.stderr and "Did you mean 'lr'?" in bad.stderr
+
+
+def test_classification_head_trains_and_evaluates(workdir, tmp_path):
+    model = make_model_dir(tmp_path / "clf", kind="classifier")
+    out = tmp_path / "run"
+    done = dorakit("train", "--model", model, "--data", workdir / "train.jsonl", "--output", out,
+                   "--max-steps", 60, *FAST)
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    assert metrics(out)[-1]["val_accuracy"] >= 0.7
+    result = dorakit("eval", "--model", model, "--adapter", out / "adapter", "--data", workdir / "test.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["rank_accuracy"] >= 0.7
