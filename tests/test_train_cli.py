@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ import torch
 
 from dorakit.train import TrainConfig
 
+from .conftest import rel_err
 from .train_assets import colour_records, make_model_dir, write_jsonl
 
 transformers = pytest.importorskip("transformers")
@@ -83,7 +85,7 @@ def test_adapter_loads_in_peft_with_the_same_outputs(trained, workdir):
     ids = torch.randint(4, 60, (2, 9))
     with torch.no_grad():
         a, b = ours(ids).logits, theirs(ids).logits
-    assert (a - b).abs().max() < 1e-5
+    assert rel_err(a, b) < 1e-6
 
 
 def test_eval_and_generate_commands(trained, workdir):
@@ -124,11 +126,32 @@ def test_classification_head_trains_and_evaluates(workdir, tmp_path):
     model = make_model_dir(tmp_path / "clf", kind="classifier")
     out = tmp_path / "run"
     done = dorakit("train", "--model", model, "--data", workdir / "train.jsonl", "--output", out,
-                   "--max-steps", 60, *FAST)
+                   "--max-steps", 80, "--val-fraction", 0.2, *FAST, "--lr", 3e-2)
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
-    assert metrics(out)[-1]["val_accuracy"] >= 0.7
+    assert metrics(out)[-1]["val_accuracy"] >= 0.75  # 48 examples, chance 1/3
     result = dorakit("eval", "--model", model, "--adapter", out / "adapter", "--data", workdir / "test.jsonl")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["rank_accuracy"] >= 0.7
+
+
+def test_bad_inputs_fail_before_training_with_a_clear_error(workdir, tmp_path):
+    model, data = workdir / "model", workdir / "train.jsonl"
+    (tmp_path / "bad.jsonl").write_text('{"text": "red sky", "label": "warm"}\n{"text": "blue", \n', encoding="utf-8")
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "empty_model" / "config.json").write_text((model / "config.json").read_text())
+    cases = [
+        (("--model", model, "--data", tmp_path / "missing.jsonl"), "Data file .*missing.jsonl does not exist"),
+        (("--model", model, "--data", tmp_path / "bad.jsonl"), "bad.jsonl:2: not valid JSON"),
+        (("--model", tmp_path / "empty_model", "--data", data), "has a config but no weights"),
+        (("--model", tmp_path / "nowhere", "--data", data), "Model directory .*nowhere does not exist"),
+        (("--model", model, "--data", data, "--target-modules", "qkv_proj"), "No module matched.*q_proj"),
+        (("--model", model, "--data", data, "--max-length", 3), "no example has a target token within --max-length 3"),
+        (("--model", model, "--data", data, "--max-step", 3), "Perhaps you meant"),
+    ]
+    for args, message in cases:
+        done = dorakit("train", *args, "--output", tmp_path / "out", "--no-progress")
+        assert done.returncode == 2, (args, done.stderr)
+        assert re.search(message, done.stderr + done.stdout), (message, done.stderr)
+        assert not (tmp_path / "out" / "metrics.jsonl").exists()

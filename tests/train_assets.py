@@ -65,8 +65,15 @@ def make_model_dir(path: Path, kind: str = "causal", seed: int = 0, extra_words:
                       num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=128,
                       tie_word_embeddings=False, initializer_range=0.3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                       eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
     model = (LlamaForSequenceClassification if kind == "classifier" else LlamaForCausalLM)(cfg)
+    # Every weight set here from one seeded generator, whatever transformers' init does or other tests left.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            else:
+                param.copy_(torch.randn(param.shape, generator=gen) * cfg.initializer_range)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path

@@ -66,7 +66,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         "format": FORMAT,
         "progress": progress.__dict__,
         "param_groups": _json_safe(opt["param_groups"]),
-        "scheduler": _json_safe({k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}),
+        "scheduler": _json_safe(scheduler.state_dict()),  # lr_lambdas: [None] for plain functions
         "python_rng": _json_safe(random.getstate()),
         "config": config,
     }

@@ -11,6 +11,7 @@ from torch import nn
 from ..config import DoraConfig
 from ..hf import DTYPES, require_transformers
 from ..inject import inject_adapters
+from ..layers import is_conv1d
 from .options import TrainConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -77,7 +78,9 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works with frozen inputs and keyword arguments; newer transformers renamed the method.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable({"use_reentrant": False})  # first parameter: the torch.utils.checkpoint kwargs
         model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # adapter init (A) is part of what --seed fixes
     inject_adapters(model, adapter_config(cfg, model, task, str(path)))
@@ -115,4 +118,5 @@ def adapter_config(cfg: TrainConfig, model: nn.Module, task: str, base: str) -> 
         exclude_modules=heads or None, use_dora=cfg.method == "dora", use_rslora=cfg.use_rslora,
         modules_to_save=save or None, task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
         base_model_name_or_path=base,
+        fan_in_fan_out=any(is_conv1d(m) for m in model.modules()),  # GPT-2 style [in, out] weights
     )

@@ -220,14 +220,11 @@ def read_config_file(path: str | Path, name: str | None) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            content = json.loads(text)
-        else:
-            import yaml
+    import yaml
 
-            content = yaml.safe_load(text)
-    except (ValueError, ImportError) as err:  # yaml.YAMLError and json.JSONDecodeError are ValueErrors
+    try:
+        content = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as err:
         raise ValueError(f"Config file {path} could not be parsed: {err}") from None
     if content is None:
         content = {}
