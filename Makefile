@@ -46,8 +46,9 @@ bench: $(ASSETS)
 
 # The embedded default: SmolLM2-135M-Instruct learns tweet sentiment with DoRA (about 6 minutes on
 # 2 CPU cores), with label accuracy on a held-out split before and after (src/dorakit/demo.py).
+# --overwrite: each `make demo` starts runs/demo afresh (`dorakit train --resume` continues one instead).
 demo: $(ASSETS)
-	$(PY) -m dorakit train
+	$(PY) -m dorakit train --overwrite
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

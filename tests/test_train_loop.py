@@ -134,3 +134,12 @@ def test_gradient_checkpointing_is_really_on(tiny_run):
     loaded = load_for_training(cfg, cfg.model, [])
     assert loaded.model.model.gradient_checkpointing  # the decoder recomputes its layers in backward
     assert not load_for_training(TrainConfig(model=cfg.model, data="x"), cfg.model, []).model.model.gradient_checkpointing
+
+
+def test_the_example_config_file_is_valid():
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "examples" / "sentiment.yaml"
+    for name in ("smollm2_dora_r8", "smollm2_dora_r4", "smollm2_lora_r8"):
+        cfg = TrainConfig(**read_config_file(path, name))
+        assert cfg.output == f"runs/{name}" and cfg.data is None

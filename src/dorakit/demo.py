@@ -91,12 +91,13 @@ def tweet_sentiment() -> Path:
 def run_default(cfg) -> dict:
     """Train on the embedded data (and SmolLM2 unless --model is given); print before/after accuracy."""
     from .train.inference import evaluate_file
-    from .train.loop import resolve_inputs, run
+    from .train.loop import prepare_output, resolve_inputs, run
 
     start = time.perf_counter()
     data = tweet_sentiment()
     cfg.data = str(data / "train.jsonl")
     cfg = resolve_inputs(cfg)
+    prepare_output(cfg)  # refuse (or clear, with --overwrite) an earlier run before spending time on anything
     test = data / "test.jsonl"
 
     def accuracy(adapter: Path | None) -> dict:
