@@ -143,3 +143,13 @@ def test_the_example_config_file_is_valid():
     for name in ("smollm2_dora_r8", "smollm2_dora_r4", "smollm2_lora_r8"):
         cfg = TrainConfig(**read_config_file(path, name))
         assert cfg.output == f"runs/{name}" and cfg.data is None
+
+
+def test_answer_extraction_takes_the_earliest_whole_word_label():
+    from dorakit.train.evaluate import extract_answer
+
+    labels = ["negative", "neutral", "positive"]
+    assert extract_answer(" Positive. Not negative.", labels) == "positive"
+    assert extract_answer("it is NEUTRAL", labels) == "neutral"
+    assert extract_answer("nonpositive", labels) is None  # a label inside another word does not count
+    assert extract_answer("", labels) is None

@@ -112,8 +112,14 @@ def test_a_killed_run_resumes_from_its_last_periodic_checkpoint(setup):
 
 def test_resume_refuses_changed_options_and_missing_checkpoints(setup):
     root, args, full = setup
-    changed = dorakit_train("--output", full.parent / "sigterm", "--resume", "--lr", 1.0)
+    crashed = root / "crashed"
+    assert dorakit_train(*args, "--max-steps", 10, "--save-every", 5, "--output", crashed).returncode == 0
+    (crashed / "summary.json").unlink()  # as if it had died after the checkpoint of step 5
+    changed = dorakit_train("--output", crashed, "--resume", "--lr", 1.0, "--seed", 3)
     assert changed.returncode == 2 and "--lr: 0.003 in the saved run, 1.0 now" in changed.stderr
+    assert "--seed: 0 in the saved run, 3 now" in changed.stderr
+    finished = dorakit_train("--output", full, "--resume")
+    assert finished.returncode == 2 and "has finished; there is nothing to resume" in finished.stderr
     empty = dorakit_train(*args, "--output", root / "nothing", "--resume")
     assert empty.returncode == 2 and "nothing to resume" in empty.stderr
     again = dorakit_train(*args, "--max-steps", 2, "--output", full)

@@ -129,7 +129,7 @@ def train_config(argv: list[str]) -> TrainConfig:
     """The TrainConfig for ``dorakit train ARGV`` with its layered defaults (see the module docstring)."""
     import tyro
 
-    from .train.checkpoint import read_state
+    from .train.loop import resumable_state
     from .train.options import read_config_file
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -148,7 +148,7 @@ def train_config(argv: list[str]) -> TrainConfig:
         defaults = {**DEMO_OPTIONS, **defaults}
     if known.resume:
         output = known.output or defaults.get("output") or TrainConfig.output
-        defaults = {**defaults, **read_state(Path(output) / "checkpoint")["config"]}
+        defaults = {**defaults, **resumable_state(Path(output))["config"]}
     base = TrainConfig(**defaults)
     return tyro.cli(TrainConfig, args=argv, default=base, prog="dorakit train")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batches import Encoded, collate
+from .batches import IGNORE, Encoded, collate
 from .data import Example, join_target
 from .loss import autocast, loss_sum, selective_head
 
@@ -110,11 +110,11 @@ def _next_token_scores(setup: EvalSetup, prompts: list[list[int]], targets: list
 
 def _sequence_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
     """Summed log-probability of each prompt's target tokens: one batched forward. Returns (examples,)."""
-    items = [Encoded(p + t, [-100] * len(p) + t) for p, t in zip(prompts, targets)]
+    items = [Encoded(p + t, [IGNORE] * len(p) + t) for p, t in zip(prompts, targets)]
     logits, batch = _logits(setup, items)
     logp = torch.log_softmax(logits[:, :-1], -1)  # (B, T-1, vocab): position t predicts t+1
     labels = batch["labels"][:, 1:]
-    keep = labels != -100
+    keep = labels != IGNORE
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
     return (picked * keep).sum(1).cpu()
 

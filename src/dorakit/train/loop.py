@@ -8,6 +8,7 @@ gives bit-identical losses to never stopping (tests/test_train_resume.py checks 
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import signal
@@ -82,7 +83,7 @@ def prepare_output(cfg: TrainConfig) -> dict | None:
     """Check --output against --resume/--overwrite; returns the saved state when resuming."""
     out = Path(cfg.output)
     if cfg.resume:
-        state = read_state(out / "checkpoint")
+        state = resumable_state(out)
         diffs = math_differences(TrainConfig(**state["config"]), cfg)
         if diffs:
             raise ValueError("--resume must continue the same run, but these options changed:\n  "
@@ -97,6 +98,17 @@ def prepare_output(cfg: TrainConfig) -> dict | None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def resumable_state(out: Path) -> dict:
+    """The checkpoint state of the unfinished run in ``out``, or an error saying why there is none."""
+    try:
+        finished = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("status") == "finished"
+    except (OSError, ValueError):
+        finished = False
+    if finished:
+        raise ValueError(f"The run in {out} has finished; there is nothing to resume. Its adapter: {out / 'adapter'}.")
+    return read_state(out / "checkpoint")
 
 
 def run(cfg: TrainConfig) -> dict:
