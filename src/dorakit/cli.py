@@ -111,6 +111,37 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
                        temperature=temperature, chat=chat, seed=seed, dtype=dtype))
 
 
+def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["q_proj", "v_proj"],
+            dtype: DTypeName = "float32") -> None:
+    """Magnitude and direction change of fine-tuned weights against the base (the DoRA paper's Fig. 2).
+
+    Writes OUT/analysis.csv (checkpoint, method, step, layer, module, name, delta_m, delta_d: one row per
+    weight matrix per checkpoint), OUT/analysis.json (correlation of delta_d with delta_m per method and
+    module) and OUT/analysis.png (the scatter per method with a fitted line).
+
+    Args:
+        base: The pre-trained model directory the checkpoints started from.
+        checkpoints: Adapter directories (LoRA or DoRA; merged on the fly), dorakit checkpoint
+            directories, or full fine-tuned model directories.
+        out: Output directory.
+        modules: Module names whose weights are analysed (the paper: query and value projections).
+        dtype: Dtype to load the base in (float32 keeps small changes measurable).
+    """
+    from .analysis import analyse
+    from .analysis_report import write_report
+    from .hf import load_pretrained
+
+    model = load_pretrained(base, dtype)
+    rows = analyse(model, checkpoints, modules)
+    summary = write_report(rows, Path(out))
+    for method, groups in summary.items():
+        for module, stats in groups.items():
+            r = stats["correlation"]
+            print(f"{method:>5} {module:>8}: {stats['points']:4d} weights, corr(ΔD, ΔM) = "
+                  f"{'n/a' if r is None else f'{r:+.2f}'}, mean ΔD {stats['mean_delta_d']:.3g}, mean ΔM {stats['mean_delta_m']:.3g}")
+    print(f"wrote {out}/analysis.csv, analysis.json, analysis.png")
+
+
 def _base_model(model: str | None, adapter: str | None) -> str:
     if model is not None:
         return model
@@ -176,7 +207,7 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge": merge}
+COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge": merge, "analyze": analyze}
 
 
 def main(argv: list[str] | None = None) -> None:

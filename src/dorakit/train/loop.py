@@ -31,7 +31,7 @@ from .options import TrainConfig, math_differences
 from .report import MetricsLog, plot_losses, truncate_metrics, write_summary
 from .schedule import make_scheduler
 
-RUN_FILES = ("adapter", "checkpoint", "metrics.jsonl", "summary.json", "loss.png")
+RUN_FILES = ("adapter", "checkpoint", "checkpoints", "metrics.jsonl", "summary.json", "loss.png")
 
 
 class TrainingError(RuntimeError):
@@ -208,9 +208,12 @@ def run(cfg: TrainConfig) -> dict:
                 last_record = record
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen / dt:,.0f}", refresh=False)
-                if stop.received or (cfg.save_every and step % cfg.save_every == 0 and step < steps):
+                periodic = bool(cfg.save_every) and step % cfg.save_every == 0
+                if stop.received or (periodic and step < steps):
                     _checkpoint(out, model, optimizer, scheduler, progress, cfg, saved_step)
                     saved_step = step
+                if cfg.keep_checkpoints and (periodic or step == steps):
+                    save_adapter(model, out / "checkpoints" / f"step-{step}", overwrite=True)
                 if stop.received:
                     status = f"interrupted ({stop.received}) after step {step}"
                     break

@@ -106,6 +106,9 @@ class TrainConfig:
     """Also rank candidate labels by likelihood at each evaluation when the data has labels."""
     save_every: int = 100
     """Write a resumable checkpoint every this many steps (0: only on interrupt and at the end)."""
+    keep_checkpoints: bool = False
+    """Also keep the adapter of every --save-every step (and the last) in checkpoints/step-N/, e.g. for
+    `dorakit analyze`."""
     resume: bool = False
     """Continue the run in --output from its checkpoint, exactly where it stopped."""
     overwrite: bool = False
@@ -168,7 +171,7 @@ class TrainConfig:
 
 
 # Options that do not change the numbers a run computes: they may differ when a run is resumed.
-RESUMABLE_CHANGES = ("eval_every", "save_every", "resume", "overwrite", "progress", "config", "name", "output")
+RESUMABLE_CHANGES = ("eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "progress", "config", "name", "output")
 
 
 def _flag(key: str) -> str:
