@@ -165,3 +165,26 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
         _checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=2), cfg, 1)
     assert read_state(tmp_path / "checkpoint")["progress"]["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary leftovers
+
+
+def test_full_fine_tuning_resumes_exactly_and_its_checkpoints_analyse(setup, tmp_path):
+    root, args, _ = setup
+    full_args = (*args, "--method", "full", "--lr", 1e-3, "--max-steps", 10, "--save-every", 5)
+    whole = tmp_path / "whole"
+    done = dorakit_train(*full_args, "--keep-checkpoints", "--output", whole)
+    assert done.returncode == 0, done.stderr
+    assert (whole / "model" / "config.json").is_file() and not (whole / "adapter").exists()
+    assert sorted(p.name for p in (whole / "checkpoints").iterdir()) == ["step-10", "step-5"]
+    crashed = tmp_path / "crashed"
+    assert dorakit_train(*full_args, "--output", crashed).returncode == 0
+    for name in ("summary.json", "model"):  # as if it had died after the checkpoint of step 5
+        path = crashed / name
+        subprocess.run(["rm", "-r", str(path)], check=True)
+    assert dorakit_train("--output", crashed, "--resume", "--no-progress").returncode == 0
+    assert [m["loss"] for m in metrics(crashed)] == [m["loss"] for m in metrics(whole)]
+    analysed = subprocess.run([sys.executable, "-m", "dorakit", "analyze", "--base", str(root / "model"),
+                               "--checkpoints", str(whole / "checkpoints" / "step-5"), str(whole / "checkpoints" / "step-10"),
+                               "--out", str(tmp_path / "analysis")], capture_output=True, text=True, timeout=300)
+    assert analysed.returncode == 0, analysed.stderr
+    rows = (tmp_path / "analysis" / "analysis.csv").read_text().splitlines()
+    assert len(rows) == 1 + 2 * 2 * 2 and all(",full,"in r for r in rows[1:])

@@ -100,28 +100,31 @@ def run_default(cfg) -> dict:
     prepare_output(cfg)  # refuse (or clear, with --overwrite) an earlier run before spending time on anything
     test = data / "test.jsonl"
 
-    def accuracy(adapter: Path | None) -> dict:
+    def accuracy(model: str | Path, adapter: Path | None) -> dict:
         began = time.perf_counter()
-        print(f"evaluating the {'adapted' if adapter else 'base'} model on the test split ...", flush=True)
-        result = evaluate_file(cfg.model, test, adapter, accuracy="rank", loss=False, batch_size=32,
+        print(f"evaluating the {'base' if model == cfg.model and adapter is None else 'trained'} model on the "
+              "test split ...", flush=True)
+        result = evaluate_file(model, test, adapter, accuracy="rank", loss=False, batch_size=32,
                              max_length=cfg.max_length, prompt_template=cfg.prompt_template)
         result["seconds"] = time.perf_counter() - began
         return result
 
     print(f"dorakit demo: {cfg.model} on {len(LABELS)}-class tweet sentiment ({data}); "
           f"test split: {TEST_PER_CLASS} tweets per class", flush=True)
-    before = accuracy(None)
+    before = accuracy(cfg.model, None)
     summary = run(cfg)
     if summary["status"] != "finished":
         return summary
-    after = accuracy(Path(cfg.output) / "adapter")
+    out = Path(cfg.output)
+    after = accuracy(out / "model", None) if cfg.method == "full" else accuracy(cfg.model, out / "adapter")
     table = format_table(before, after, cfg)
     print(table)
     result = {"before": before, "after": after, "seconds": time.perf_counter() - start,
               "train_seconds": summary["train_seconds"]}
     text = json.dumps(result, indent=2)
     atomic.write_file(Path(cfg.output) / "demo.json", lambda p: p.write_text(text, encoding="utf-8"))
-    print(f"adapter saved to {Path(cfg.output) / 'adapter'} (PEFT format); metrics, loss curve and summary in "
+    saved = f"model saved to {out / 'model'}" if cfg.method == "full" else f"adapter saved to {out / 'adapter'} (PEFT format)"
+    print(f"{saved}; metrics, loss curve and summary in "
           f"{cfg.output}/. Whole demo: {result['seconds'] / 60:.1f} min, training {summary['train_seconds'] / 60:.1f} min.")
     return summary
 
@@ -129,7 +132,7 @@ def run_default(cfg) -> dict:
 def format_table(before: dict, after: dict, cfg) -> str:
     head = f"held-out test ({before['examples']} tweets, balanced)"
     return "\n".join([
-        f"{head:<40} {'base model':>11} {cfg.method + ' r=' + str(cfg.r):>11}",
+        f"{head:<40} {'base model':>11} {'full' if cfg.method == 'full' else cfg.method + ' r=' + str(cfg.r):>11}",
         f"{'label accuracy (most likely label)':<40} {before['rank_accuracy']:>11.1%} {after['rank_accuracy']:>11.1%}",
         f"{'chance (one class every time)':<40} {before['majority_baseline']:>11.1%}",
         f"{'evaluation time':<40} {before['seconds']:>10.0f}s {after['seconds']:>10.0f}s",

@@ -2,6 +2,7 @@
 
     checkpoint/
       adapter/                 the adapter in PEFT's format (usable on its own, like any saved adapter)
+      model.safetensors        instead of adapter/ when every weight trains (--method full)
       optimizer.safetensors    AdamW's per-parameter state and the RNG states, as tensors
       state.json               step, data position, optimizer hyper-parameters, scheduler, Python RNG, config
 
@@ -21,9 +22,11 @@ import torch
 from torch import Tensor, nn
 
 from .. import atomic
+from ..inject import CONFIG_ATTR
 from ..io import load_adapter_tensors, read_adapter_tensors, save_adapter
 
 STATE_NAME = "state.json"
+MODEL_NAME = "model.safetensors"
 TENSORS_NAME = "optimizer.safetensors"
 FORMAT = 1
 
@@ -36,6 +39,10 @@ class Progress:
     position: int = 0  # training examples consumed (index into the seeded order stream)
     tokens: int = 0  # trained tokens seen
     elapsed: float = 0.0  # seconds of training so far, across resumes
+
+
+def has_adapter(model: nn.Module) -> bool:
+    return getattr(model, CONFIG_ATTR, None) is not None
 
 
 def _json_safe(value: Any) -> Any:
@@ -51,7 +58,7 @@ def _json_safe(value: Any) -> Any:
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, config: dict) -> None:
     """Write the whole training state to ``directory`` (replacing the previous checkpoint atomically)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file, save_model
 
     opt = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
@@ -71,7 +78,10 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         "config": config,
     }
     with atomic.new_directory(directory, overwrite=True, what="checkpoint") as tmp:
-        save_adapter(model, tmp / "adapter")
+        if has_adapter(model):
+            save_adapter(model, tmp / "adapter")
+        else:
+            save_model(model, str(tmp / MODEL_NAME))  # handles tied weights (stored once)
         save_file(tensors, str(tmp / TENSORS_NAME))
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
@@ -90,10 +100,13 @@ def read_state(directory: Path) -> dict:
 def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
     """Load adapter, optimizer, scheduler and RNG states into a freshly built run; returns its progress."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, load_model
 
     state = read_state(directory)
-    load_adapter_tensors(model, read_adapter_tensors(directory / "adapter"), source=str(directory / "adapter"))
+    if has_adapter(model):
+        load_adapter_tensors(model, read_adapter_tensors(directory / "adapter"), source=str(directory / "adapter"))
+    else:
+        load_model(model, str(directory / MODEL_NAME), device=str(next(model.parameters()).device))
     tensors = load_file(str(directory / TENSORS_NAME))
     slots: dict[int, dict[str, Tensor]] = {}
     for key, value in tensors.items():

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import torch
 
+from .. import atomic
 from ..inject import trainable_parameters
 from ..io import save_adapter
 from .batches import collate, encode_all, split, stream_indices
-from .checkpoint import Progress, read_state, restore_checkpoint, save_checkpoint
+from .checkpoint import Progress, has_adapter, read_state, restore_checkpoint, save_checkpoint
 from .data import Dataset, load_dataset
 from .evaluate import EvalSetup, evaluate_loss, rank_accuracy
 from .loss import autocast, loss_sum, selective_head
@@ -31,7 +32,7 @@ from .options import TrainConfig, math_differences
 from .report import MetricsLog, plot_losses, truncate_metrics, write_summary
 from .schedule import make_scheduler
 
-RUN_FILES = ("adapter", "checkpoint", "checkpoints", "metrics.jsonl", "summary.json", "loss.png")
+RUN_FILES = ("adapter", "model", "checkpoint", "checkpoints", "metrics.jsonl", "summary.json", "loss.png")
 
 
 class TrainingError(RuntimeError):
@@ -146,7 +147,7 @@ def run(cfg: TrainConfig) -> dict:
     evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, cfg.micro_batch)
     label_eval = bool(labels) and cfg.eval_accuracy and bool(val_ex)
     trainable, total = trainable_parameters(model)
-    print(f"dorakit train: {cfg.method} r={cfg.r} on {cfg.model} ({loaded.task}), {trainable:,} of {total:,} "
+    print(f"dorakit train: {_method_name(cfg)} on {cfg.model} ({loaded.task}), {trainable:,} of {total:,} "
           f"parameters trainable; {len(train_items)} training / {len(val_items)} validation examples; "
           f"{steps} steps of {cfg.batch_size} ({cfg.accumulation} x {cfg.micro_batch}) on {loaded.device}"
           + (f", resuming after step {progress.step}" if saved else ""), flush=True)
@@ -213,23 +214,24 @@ def run(cfg: TrainConfig) -> dict:
                     _checkpoint(out, model, optimizer, scheduler, progress, cfg, saved_step)
                     saved_step = step
                 if cfg.keep_checkpoints and (periodic or step == steps):
-                    save_adapter(model, out / "checkpoints" / f"step-{step}", overwrite=True)
+                    save_trained(model, loaded.tokenizer, out / "checkpoints" / f"step-{step}")
                 if stop.received:
                     status = f"interrupted ({stop.received}) after step {step}"
                     break
     finally:
         bar.close()
         log.close()
+    result = out / ("adapter" if has_adapter(model) else "model")
     if status == "finished":
-        save_adapter(model, out / "adapter", overwrite=True)
-    plot = plot_losses(out, f"{cfg.method} r={cfg.r} on {Path(cfg.model).name}")
+        save_trained(model, loaded.tokenizer, result)
+    plot = plot_losses(out, f"{_method_name(cfg)} on {Path(cfg.model).name}")
     summary = {
         "status": status, "config": cfg.to_dict(), "task": loaded.task, "steps": progress.step,
         "total_steps": steps, "warmup_steps": warmup, "examples": {"train": len(train_items), "validation": len(val_items)},
         "labels": labels, "trainable_parameters": trainable, "total_parameters": total,
         "train_seconds": progress.elapsed, "tokens": progress.tokens,
         "final": {"loss": last_record.get("loss"), **last_eval},
-        "adapter": str(out / "adapter") if status == "finished" else None,
+        "adapter" if has_adapter(model) else "model": str(result) if status == "finished" else None,
         "checkpoint": str(out / "checkpoint") if saved_step else None, "loss_plot": str(plot) if plot else None,
         "peak_memory_mb": _peak_memory_mb(loaded.device),
     }
@@ -240,6 +242,17 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
+def save_trained(model, tokenizer, directory: Path) -> None:
+    """The run's result: the adapter in PEFT's format, or (full fine-tuning) a whole transformers
+    checkpoint with the tokenizer, each written whole under a temporary name and renamed."""
+    if has_adapter(model):
+        save_adapter(model, directory, overwrite=True)
+        return
+    with atomic.new_directory(directory, overwrite=True, what="model") as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+
 def _checkpoint(out: Path, model, optimizer, scheduler, progress: Progress, cfg: TrainConfig, saved_step) -> None:
     try:
         save_checkpoint(out / "checkpoint", model, optimizer, scheduler, progress, cfg.to_dict())
@@ -247,6 +260,10 @@ def _checkpoint(out: Path, model, optimizer, scheduler, progress: Progress, cfg:
         kept = f"the checkpoint of step {saved_step} in {out / 'checkpoint'} is intact" if saved_step else "no earlier checkpoint exists"
         raise TrainingError(f"Writing the checkpoint of step {progress.step} failed ({err.strerror or err}); {kept}. "
                             "Free disk space and resume with --resume.") from None
+
+
+def _method_name(cfg: TrainConfig) -> str:
+    return "full fine-tuning" if cfg.method == "full" else f"{cfg.method} r={cfg.r}"
 
 
 def _progress_bar(cfg: TrainConfig, steps: int, done: int):

@@ -83,7 +83,10 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
         enable({"use_reentrant": False})  # first parameter: the torch.utils.checkpoint kwargs
         model.config.use_cache = False
     torch.manual_seed(cfg.seed)  # adapter init (A) is part of what --seed fixes
-    inject_adapters(model, adapter_config(cfg, model, task, str(path)))
+    if cfg.method == "full":
+        model.requires_grad_(True)
+    else:
+        inject_adapters(model, adapter_config(cfg, model, task, str(path)))
     return Loaded(model, tokenizer, task, device, pick_autocast(cfg.precision, device))
 
 

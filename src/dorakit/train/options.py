@@ -41,8 +41,9 @@ class TrainConfig:
     """Recompute activations in backward to save memory (slower steps)."""
 
     # --- adapter ---
-    method: Literal["dora", "lora"] = "dora"
-    """dora (magnitude + direction) or plain lora through the same code."""
+    method: Literal["dora", "lora", "full"] = "dora"
+    """dora (magnitude + direction), plain lora through the same code, or full fine-tuning (every
+    weight trains; the output is a whole model directory, the baseline of the paper's comparisons)."""
     r: int = 8
     """Adapter rank."""
     lora_alpha: float | None = None
