@@ -82,10 +82,8 @@ def checkpoints(tmp_path_factory):
 
 def test_adapters_and_full_checkpoints(checkpoints):
     root, base = checkpoints
-    model = copy.deepcopy(base)
-    rows = analyse(model, [root / "dora-step-10", root / "lora-step-20", root / "full-step-30"])
+    rows = analyse(root / "base", [root / "dora-step-10", root / "lora-step-20", root / "full-step-30"])
     assert len(rows) == 3 * 2 * 2  # checkpoints x layers x modules
-    assert not dorakit.adapter_layers(model)  # adapters were taken out again
     q0 = base.model.layers[0].self_attn.q_proj.weight
     dora = {(r.layer, r.module): r for r in rows if r.method == "dora"}
     assert all(r.delta_d < 1e-6 and r.step == 10 for r in dora.values())
@@ -117,3 +115,40 @@ def test_analyze_command_writes_csv_json_and_plot(checkpoints, tmp_path):
                               "--checkpoints", str(root / "nothing"), "--out", str(tmp_path / "x")],
                              capture_output=True, text=True, timeout=300)
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
+
+
+def test_compare_runs_every_method_and_seed(tmp_path):
+    from .train_assets import colour_records, make_model_dir, write_jsonl
+
+    make_model_dir(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", colour_records(120))
+    done = subprocess.run([sys.executable, "-m", "dorakit", "compare", "--model", str(tmp_path / "model"),
+                           "--data", str(tmp_path / "train.jsonl"), "--ranks", "4", "--seeds", "0", "1",
+                           "--max-steps", "6", "--batch-size", "8", "--lr", "1e-2", "--full-lr", "1e-3",
+                           "--output", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert sorted((r["method"], r["seed"]) for r in result["runs"]) == sorted(
+        (m, s) for m in ("full", "lora", "dora", "dora-half") for s in (0, 1))
+    assert all("error" not in r and 0 <= r["accuracy"] <= 1 for r in result["runs"])
+    rows = {r["method"]: r for r in result["table"]}
+    assert rows["full"]["trainable_parameters"] > rows["dora"]["trainable_parameters"] > rows["dora-half"]["trainable_parameters"]
+    assert all(r["seeds"] == 2 for r in rows.values())
+    for method in ("full", "lora", "dora", "dora-half"):
+        assert method in done.stdout
+    assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_tensor_merge_matches_the_layers_and_prefixes_are_matched(checkpoints, tmp_path):
+    from dorakit.analysis import decomposition_change
+
+    root, base = checkpoints
+    merged = dorakit.merge_and_unload(dorakit.load_adapter(copy.deepcopy(base), root / "lora-step-20"))
+    q0, q = base.model.layers[0].self_attn.q_proj.weight, merged.model.layers[0].self_attn.q_proj.weight
+    expected = decomposition_change(q0, q)
+    base.model.save_pretrained(tmp_path / "backbone")  # keys without the "model." of the causal LM class
+    rows = analyse(tmp_path / "backbone", [root / "lora-step-20", root / "full-step-30"], ["q_proj"])
+    got = next(r for r in rows if r.method == "lora" and r.layer == 0)
+    assert got.name == "layers.0.self_attn.q_proj"
+    assert got.delta_m == pytest.approx(expected[0], rel=1e-5) and got.delta_d == pytest.approx(expected[1], rel=1e-5)
+    assert next(r for r in rows if r.method == "full" and r.layer == 1).delta_m > 0

@@ -17,12 +17,13 @@ paper reports the correlation of delta_d with delta_m over layers and checkpoint
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .functional import row_chunks
 
@@ -77,33 +78,60 @@ class Row:
         return self.__dict__.copy()
 
 
-def _weight_rows(module: nn.Module, weight: Tensor) -> Tensor:
-    from .layers import is_conv1d
-
-    if is_conv1d(module):
-        return weight.t()  # transformers' Conv1D stores [in, out]
-    return weight.reshape(weight.shape[0], -1)  # (out, in * kernel...) for convolutions
+# Architectures that store projection weights as [in, out] (transformers' Conv1D).
+IN_OUT_TYPES = frozenset({"gpt2", "gpt_bigcode", "imagegpt"})
 
 
-def analysed_modules(model: nn.Module, modules: list[str]) -> dict[str, nn.Module]:
-    """Module path -> module for every weight matrix named in ``modules`` (suffix match)."""
-    from .layers import AdapterLayer
+class Weights:
+    """Tensors of a transformers checkpoint directory, read one at a time (no model is built)."""
 
-    found = {}
-    for path, module in model.named_modules():
-        if path.split(".")[-1] in modules and hasattr(module, "weight"):
-            found[path] = module.base_layer if isinstance(module, AdapterLayer) else module
-    if not found:
-        raise ValueError(f"No module named {modules} in the base model; pass --modules with names it has, "
-                         f"e.g. {sorted({p.split('.')[-1] for p, m in model.named_modules() if isinstance(m, nn.Linear)})[:8]}.")
-    return found
+    def __init__(self, directory: Path) -> None:
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            self.files = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        elif (directory / "model.safetensors").is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(directory / "model.safetensors"), "pt") as handle:
+                self.files = {k: "model.safetensors" for k in handle.keys()}
+        else:
+            raise FileNotFoundError(f"{directory} is neither an adapter directory (adapter_config.json) nor a "
+                                    "checkpoint with safetensors weights (model.safetensors).")
+        self.directory = directory
+        config = directory / "config.json"
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type") if config.is_file() else None
+        self.in_out = model_type in IN_OUT_TYPES
+
+    def get(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.directory / self.files[key]), "pt") as handle:
+            return handle.get_tensor(key)
+
+    def find(self, key: str) -> str:
+        """``key``, or the one key that names the same weight under another prefix ("bert." or "model.")."""
+        if key in self.files:
+            return key
+        matches = [k for k in self.files if same_module(k, key)]
+        if len(matches) == 1:
+            return matches[0]
+        raise ValueError(f"{self.directory} has no tensor {key!r}" + (f" (several candidates: {matches[:3]})" if matches else "."))
+
+    def rows(self, key: str) -> Tensor:
+        weight = self.get(key)
+        return weight.t() if self.in_out else weight  # (out, in)
+
+
+def same_module(a: str, b: str) -> bool:
+    """Paths that differ only by a leading prefix (a head class adds "bert." or "model.")."""
+    return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
 def checkpoint_step(path: Path) -> int | None:
     """The training step of a checkpoint: from a dorakit checkpoint's state.json, else the last number in its name."""
-    for state in (path / "state.json", path.parent / "state.json"):
-        if state.is_file():
-            return json.loads(state.read_text(encoding="utf-8"))["progress"]["step"]
+    state = path / "state.json"
+    if state.is_file():
+        return json.loads(state.read_text(encoding="utf-8"))["progress"]["step"]
     numbers = re.findall(r"\d+", path.name)
     return int(numbers[-1]) if numbers else None
 
@@ -112,74 +140,70 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-def analyse_adapter(model: nn.Module, targets: dict[str, nn.Module], adapter: Path) -> tuple[str, list[tuple[str, float, float]]]:
-    """(method, [(module path, delta_m, delta_d)]): the adapter merged into copies of the base weights."""
-    from .inject import adapter_layers, unload
-    from .io import load_adapter, read_adapter_config
+@torch.no_grad()
+def merged_rows(base_rows: Tensor, tensors: dict[str, Tensor], config, path: str) -> Tensor | None:
+    """The weight rows an adapter computes with for module ``path`` (its merge into a copy of the
+    base), or None when the adapter does not touch that module."""
+    from .functional import merge_rows_
+    from .keys import PEFT_PREFIX
 
-    method = "dora" if read_adapter_config(adapter).use_dora else "lora"
-    load_adapter(model, adapter)
-    try:
-        layers = dict(adapter_layers(model))
-        out = []
-        for path, base in targets.items():
-            rows0 = _weight_rows(base, base.weight)
-            if path in layers:
-                merged = base.weight.detach().clone()
-                layers[path].merge_into(merged)
-                out.append((path, *decomposition_change(rows0, _weight_rows(base, merged))))
-            else:
-                out.append((path, 0.0, 0.0))  # not adapted: unchanged
-        return method, out
-    finally:
-        unload(model)
-
-
-def analyse_full(targets: dict[str, nn.Module], directory: Path) -> list[tuple[str, float, float]]:
-    """Rows for a full checkpoint directory: the same weights read from its safetensors files."""
-    from safetensors import safe_open
-
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    elif (directory / "model.safetensors").is_file():
-        with safe_open(str(directory / "model.safetensors"), "pt") as handle:
-            weight_map = {k: "model.safetensors" for k in handle.keys()}
-    else:
-        raise FileNotFoundError(f"{directory} is neither an adapter directory (adapter_config.json) nor a "
-                                "checkpoint with safetensors weights.")
-    out = []
-    for path, base in targets.items():
-        key = _find_key(weight_map, f"{path}.weight")
-        with safe_open(str(directory / weight_map[key]), "pt") as handle:
-            tuned = handle.get_tensor(key)
-        out.append((path, *decomposition_change(_weight_rows(base, base.weight), _weight_rows(base, tuned))))
-    return out
+    prefixes = {k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
+    match = [p for p in prefixes if same_module(p[len(PEFT_PREFIX):], path)]
+    if not match:
+        return None
+    prefix = match[0]
+    lora_a, lora_b = tensors[f"{prefix}.lora_A.weight"].float(), tensors[f"{prefix}.lora_B.weight"].float()
+    module = prefix[len(PEFT_PREFIX):]
+    rank = lora_a.shape[0]
+    alpha = config.alpha_for(module)
+    scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
+    magnitude = tensors.get(f"{prefix}.lora_magnitude_vector") if config.use_dora else None
+    if config.use_dora and magnitude is None:
+        raise ValueError(f"The DoRA adapter has no magnitude for {module}; it cannot be analysed (or loaded) correctly.")
+    rows = base_rows.float().clone()
+    merge_rows_(rows, lora_a, lora_b, scaling, magnitude)
+    return rows
 
 
-def _find_key(weight_map: dict[str, str], key: str) -> str:
-    if key in weight_map:
-        return key
-    # Checkpoints of a different head class carry the backbone under another prefix ("model." vs none).
-    tails = [k for k in weight_map if k.endswith(key.split(".", 1)[-1]) and k.split(".")[-3:] == key.split(".")[-3:]]
-    if len(tails) == 1:
-        return tails[0]
-    raise ValueError(f"The checkpoint has no tensor {key!r} (or more than one candidate: {tails[:3]}).")
+def analyse(base: str | Path, checkpoints: list[str | Path], modules: list[str] = DEFAULT_MODULES) -> list[Row]:
+    """One Row per analysed weight matrix per checkpoint.
 
+    Checkpoints are adapter directories (LoRA/DoRA, merged into copies of the base weights with the
+    same merge the layers use), dorakit checkpoint directories (their adapter or model), or full
+    fine-tuned model directories. Only the analysed tensors are read.
+    """
+    from .io import read_adapter_config, read_adapter_tensors
 
-def analyse(model: nn.Module, checkpoints: list[str | Path], modules: list[str] = DEFAULT_MODULES) -> list[Row]:
-    """One Row per analysed weight matrix per checkpoint (adapter or full model directories)."""
-    targets = analysed_modules(model, list(modules))
+    weights = Weights(Path(base))
+    keys = [k for k in weights.files if k.endswith(".weight") and k.split(".")[-2] in modules]
+    if not keys:
+        names = sorted({k.split(".")[-2] for k in weights.files if k.endswith(".weight") and "." in k})
+        raise ValueError(f"The base model has no weight named {list(modules)}; pass --modules with names it has: "
+                         f"{', '.join(names[:12])}.")
     rows = []
     for checkpoint in map(Path, checkpoints):
         if not checkpoint.is_dir():
             raise FileNotFoundError(f"Checkpoint {checkpoint} is not a directory.")
-        source = checkpoint / "adapter" if (checkpoint / "adapter").is_dir() and not is_adapter_dir(checkpoint) else checkpoint
+        source = checkpoint
+        for inner in ("adapter", "model"):  # a dorakit run or checkpoint directory
+            if not is_adapter_dir(source) and (checkpoint / inner).is_dir():
+                source = checkpoint / inner
         if is_adapter_dir(source):
-            method, results = analyse_adapter(model, targets, source)
+            config = read_adapter_config(source)
+            tensors = read_adapter_tensors(source)
+            method = "dora" if config.use_dora else "lora"
         else:
-            method, results = "full", analyse_full(targets, source)
+            tuned = Weights(source)
+            method = "full"
         step = checkpoint_step(checkpoint)
-        for path, dm, dd in results:
+        for key in keys:
+            path = key[: -len(".weight")]
+            base_rows = weights.rows(key)
+            if method == "full":
+                new = tuned.rows(tuned.find(key))
+            else:
+                new = merged_rows(base_rows, tensors, config, path)
+                new = base_rows if new is None else new  # not adapted: unchanged
+            dm, dd = decomposition_change(base_rows, new)
             rows.append(Row(str(checkpoint), method, step, layer_index(path), path.split(".")[-1], path, dm, dd))
     return rows

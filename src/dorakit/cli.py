@@ -111,8 +111,7 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
                        temperature=temperature, chat=chat, seed=seed, dtype=dtype))
 
 
-def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["q_proj", "v_proj"],
-            dtype: DTypeName = "float32") -> None:
+def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["q_proj", "v_proj"]) -> None:
     """Magnitude and direction change of fine-tuned weights against the base (the DoRA paper's Fig. 2).
 
     Writes OUT/analysis.csv (checkpoint, method, step, layer, module, name, delta_m, delta_d: one row per
@@ -124,15 +123,13 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
         checkpoints: Adapter directories (LoRA or DoRA; merged on the fly), dorakit checkpoint
             directories, or full fine-tuned model directories.
         out: Output directory.
-        modules: Module names whose weights are analysed (the paper: query and value projections).
-        dtype: Dtype to load the base in (float32 keeps small changes measurable).
+        modules: Module names whose weights are analysed (the paper: query and value projections;
+            BERT-style models call them query and value).
     """
     from .analysis import analyse
     from .analysis_report import write_report
-    from .hf import load_pretrained
 
-    model = load_pretrained(base, dtype)
-    rows = analyse(model, checkpoints, modules)
+    rows = analyse(base, checkpoints, modules)
     summary = write_report(rows, Path(out))
     for method, groups in summary.items():
         for module, stats in groups.items():
@@ -140,6 +137,58 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
             print(f"{method:>5} {module:>8}: {stats['points']:4d} weights, corr(ΔD, ΔM) = "
                   f"{'n/a' if r is None else f'{r:+.2f}'}, mean ΔD {stats['mean_delta_d']:.3g}, mean ΔM {stats['mean_delta_m']:.3g}")
     print(f"wrote {out}/analysis.csv, analysis.json, analysis.png")
+
+
+def compare(output: str, model: str | None = None, data: str | None = None,
+            methods: list[str] = ["full", "lora", "dora", "dora-half"], ranks: list[int] = [8],
+            seeds: list[int] = [0, 1, 2], max_steps: int | None = None, batch_size: int | None = None,
+            lr: float | None = None, full_lr: float | None = None, config: str | None = None,
+            name: str | None = None) -> None:
+    """Compare full fine-tuning, LoRA, DoRA and DoRA at half rank on one model, data set and budget.
+
+    Every run is `dorakit train` with the same options but method, rank (lora_alpha = 2 x rank) and
+    seed, in OUTPUT/<method>-r<rank>-s<seed>/ (finished runs are reused when the command is repeated).
+    Prints and writes OUTPUT/compare.csv and compare.json (accuracy mean ± std over seeds, final
+    training loss, validation loss, trainable parameters, seconds per step, peak memory) and
+    OUTPUT/compare.png.
+
+    Args:
+        output: Directory for the runs and the table.
+        model: Model directory. Unset: the embedded SmolLM2.
+        data: Training data (text/label data gives accuracy). Unset: the embedded tweet-sentiment set.
+        methods: Any of full, lora, dora, dora-half.
+        ranks: Adapter ranks (dora-half uses half of each).
+        seeds: Seeds; each method and rank runs once per seed.
+        max_steps: Optimizer steps per run (the shared budget).
+        batch_size: Global batch per step.
+        lr: Learning rate of the adapter runs.
+        full_lr: Learning rate of full fine-tuning (typically 10-100x lower than an adapter's).
+        config: A `dorakit train` config file with the other options (every run uses it).
+        name: Named configuration in --config.
+    """
+    from .compare import format_table, plan, run_all, table, write
+
+    common: list[str] = []
+    if data is None:
+        from .demo import DEMO_OPTIONS, tweet_sentiment
+
+        data = str(tweet_sentiment() / "train.jsonl")
+        if config is None:  # the embedded default's options; a --config file replaces them
+            for key in ("prompt_template", "batch_size", "max_steps", "lr", "lora_dropout", "warmup_steps",
+                        "max_length", "val_fraction", "max_val_examples"):
+                common += [f"--{key.replace('_', '-')}", str(DEMO_OPTIONS[key])]
+    common += ["--data", data, "--eval-every", "0", "--save-every", "0"]
+    for flag, value in (("--model", model), ("--max-steps", max_steps), ("--batch-size", batch_size),
+                        ("--lr", lr), ("--config", config), ("--name", name)):
+        if value is not None:
+            common += [flag, str(value)]
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    records = run_all(plan(methods, ranks, seeds), common, full_lr, out)
+    rows = table(records)
+    write(records, rows, out)
+    print(format_table(rows))
+    print(f"wrote {out}/compare.csv, compare.json, compare.png")
 
 
 def _base_model(model: str | None, adapter: str | None) -> str:
@@ -207,7 +256,8 @@ def train(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge": merge, "analyze": analyze}
+COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge": merge, "analyze": analyze,
+            "compare": compare}
 
 
 def main(argv: list[str] | None = None) -> None:
