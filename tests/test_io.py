@@ -256,3 +256,20 @@ def test_base_model_name_is_recorded(tmp_path):
     data = json.loads((dorakit.save_adapter(model, tmp_path / "a") / CONFIG_NAME).read_text())
     assert data["base_model_name_or_path"] == "org/tiny-llama" and data["use_dora"] is True
     assert "auto_mapping" not in data  # PEFT writes it only without a task type
+
+
+def test_saved_files_get_the_usual_permissions(tmp_path):
+    from dorakit import atomic
+
+    old = os.umask(0o022)
+    try:
+        model = dorakit.inject_adapters(seeded(tiny_llama), dorakit.DoraConfig(r=2, target_modules=["q_proj"]))
+        dorakit.save_adapter(model, tmp_path / "adapter")
+        atomic.write_file(tmp_path / "one.txt", lambda p: p.write_text("x"))
+        with atomic.new_directory(tmp_path / "dir", overwrite=False, what="test") as tmp:
+            (tmp / "f").write_text("y")
+    finally:
+        os.umask(old)
+    for path in [*(tmp_path / "adapter").iterdir(), tmp_path / "one.txt"]:
+        assert path.stat().st_mode & 0o777 == 0o644, path  # not mkstemp's 0600
+    assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o755

@@ -15,6 +15,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _public(path: Path, directory: bool = False) -> None:
+    """The permissions a plain open()/mkdir() would give: mkstemp/mkdtemp make files 0600 and
+    directories 0700, which would hide saved adapters from other users of a shared machine."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):  # not every platform can open a directory
         fd = os.open(directory, os.O_RDONLY)
@@ -43,6 +55,7 @@ def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path]
             os.close(fd)
             staged[name] = Path(tmp)
             write(staged[name])
+            _public(staged[name])
             with open(staged[name], "rb+") as handle:
                 os.fsync(handle.fileno())
     except BaseException:
@@ -66,6 +79,7 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
+        _public(Path(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -87,6 +101,7 @@ def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str) -> I
         raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace the {what}.")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    _public(tmp, directory=True)
     try:
         yield tmp
     except BaseException:

@@ -111,6 +111,10 @@ def table(records: list[dict]) -> list[dict]:
     return rows
 
 
+def _rank_used(row: dict) -> int:
+    return max(1, row["rank"] // 2) if row["method"] == "dora-half" else row["rank"]
+
+
 def format_table(rows: list[dict]) -> str:
     def cell(value, fmt):
         return "n/a" if value is None else format(value, fmt)
@@ -119,7 +123,7 @@ def format_table(rows: list[dict]) -> str:
              f"{'val loss':>9} {'trainable':>11} {'s/step':>7} {'peak MB':>8}"]
     for r in rows:
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%} ± {r['accuracy_std']:.1%}"
-        rank = "-" if r["rank"] is None else (f"{max(1, r['rank'] // 2)}" if r["method"] == "dora-half" else str(r["rank"]))
+        rank = "-" if r["rank"] is None else str(_rank_used(r))
         lines.append(f"{r['method']:<10} {rank:>4} {r['seeds']:>5} {acc:>22} {cell(r['final_loss'], '.4f'):>10} "
                      f"{cell(r['val_loss'], '.4f'):>9} {cell(r['trainable_parameters'], ','):>11} "
                      f"{cell(r['seconds_per_step'], '.3f'):>7} {cell(r['peak_memory_mb'], '.0f'):>8}"
@@ -136,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     shown = [r for r in rows if r["accuracy"] is not None]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(shown) + 2), 4))
-    labels = [r["method"] if r["rank"] is None else f"{r['method']}\nr={r['rank']}" for r in shown]
+    labels = [r["method"] if r["rank"] is None else f"{r['method']}\nr={_rank_used(r)}" for r in shown]
     colours = {"full": "tab:gray", "lora": "tab:blue", "dora": "tab:orange", "dora-half": "tab:red"}
     ax.bar(range(len(shown)), [r["accuracy"] for r in shown], yerr=[r["accuracy_std"] for r in shown],
            color=[colours.get(r["method"], "tab:green") for r in shown], capsize=4)
