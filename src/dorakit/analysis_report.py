@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from pathlib import Path
 
 from . import atomic
 from .analysis import Row
+from .figures import pyplot, save_png
 
 COLUMNS = ["checkpoint", "method", "step", "layer", "module", "name", "delta_m", "delta_d"]
 
@@ -48,24 +47,10 @@ def summarise(rows: list[Row]) -> dict:
     return out
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(row.as_dict())
-    text = buffer.getvalue()
-    atomic.write_file(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
 def plot(rows: list[Row], path: Path) -> Path:
     """Scatter of delta_m against delta_d, one panel per method (columns) and module (rows), points
     coloured by training step, with a least-squares line and the correlation in each title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     order = ["full", "lora", "dora"]
     methods = sorted({r.method for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m))
     modules = sorted({r.module for r in rows})
@@ -90,17 +75,16 @@ def plot(rows: list[Row], path: Path) -> Path:
             if any(steps):
                 fig.colorbar(mappable, ax=ax, label="step")
     fig.tight_layout()
-    atomic.write_file(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
 def write_report(rows: list[Row], out: Path) -> dict:
     """analysis.csv, analysis.json and analysis.png in ``out``; returns the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(rows, out / "analysis.csv")
+    atomic.write_csv(out / "analysis.csv", [r.as_dict() for r in rows], COLUMNS)
     summary = summarise(rows)
     text = json.dumps({"summary": summary, "rows": [r.as_dict() for r in rows]}, indent=1)
-    atomic.write_file(out / "analysis.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic.write_text(out / "analysis.json", text)
     plot(rows, out / "analysis.png")
     return summary

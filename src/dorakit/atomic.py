@@ -8,6 +8,8 @@ temporary name and renamed into place the same way.
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import os
 import shutil
 import tempfile
@@ -87,6 +89,20 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """``write_file`` for UTF-8 text (JSON, CSV, JSONL)."""
+    write_file(path, lambda p: p.write_text(text, encoding="utf-8"))
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> None:
+    """A CSV file with a header row, written whole."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
 
 
 @contextlib.contextmanager

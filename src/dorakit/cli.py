@@ -86,7 +86,7 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     if out is not None:
         from . import atomic
 
-        atomic.write_file(out, lambda p: p.write_text(text, encoding="utf-8"))
+        atomic.write_text(out, text)
 
 
 def generate(prompt: str, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 128,

@@ -9,8 +9,6 @@ not fatal), with its own output directory; the table is built from their summary
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import statistics
 import subprocess
@@ -19,8 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import atomic
+from .figures import pyplot, save_png
 
 METHODS = ("full", "lora", "dora", "dora-half")
+
+
+def rank_used(method: str, rank: int) -> int:
+    """The adapter rank a row of the table trains with: dora-half halves the row's rank."""
+    return max(1, rank // 2) if method == "dora-half" else rank
 
 
 @dataclass
@@ -36,7 +40,7 @@ class Planned:
     def train_args(self) -> list[str]:
         if self.rank is None:
             return ["--method", "full", "--seed", str(self.seed)]
-        rank = max(1, self.rank // 2) if self.method == "dora-half" else self.rank
+        rank = rank_used(self.method, self.rank)
         method = "dora" if self.method.startswith("dora") else "lora"
         # alpha = 2 x the method's rank keeps s = 2 for every row of the table (the paper's setting)
         return ["--method", method, "--r", str(rank), "--lora-alpha", str(2 * rank), "--seed", str(self.seed)]
@@ -111,10 +115,6 @@ def table(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _rank_used(row: dict) -> int:
-    return max(1, row["rank"] // 2) if row["method"] == "dora-half" else row["rank"]
-
-
 def format_table(rows: list[dict]) -> str:
     def cell(value, fmt):
         return "n/a" if value is None else format(value, fmt)
@@ -123,7 +123,7 @@ def format_table(rows: list[dict]) -> str:
              f"{'val loss':>9} {'trainable':>11} {'s/step':>7} {'peak MB':>8}"]
     for r in rows:
         acc = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.1%} ± {r['accuracy_std']:.1%}"
-        rank = "-" if r["rank"] is None else str(_rank_used(r))
+        rank = "-" if r["rank"] is None else str(rank_used(r["method"], r["rank"]))
         lines.append(f"{r['method']:<10} {rank:>4} {r['seeds']:>5} {acc:>22} {cell(r['final_loss'], '.4f'):>10} "
                      f"{cell(r['val_loss'], '.4f'):>9} {cell(r['trainable_parameters'], ','):>11} "
                      f"{cell(r['seconds_per_step'], '.3f'):>7} {cell(r['peak_memory_mb'], '.0f'):>8}"
@@ -133,14 +133,10 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> None:
     """Accuracy (mean ± std over seeds) per method, grouped by rank."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     shown = [r for r in rows if r["accuracy"] is not None]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(shown) + 2), 4))
-    labels = [r["method"] if r["rank"] is None else f"{r['method']}\nr={_rank_used(r)}" for r in shown]
+    labels = [r["method"] if r["rank"] is None else f"{r['method']}\nr={rank_used(r['method'], r['rank'])}" for r in shown]
     colours = {"full": "tab:gray", "lora": "tab:blue", "dora": "tab:orange", "dora-half": "tab:red"}
     ax.bar(range(len(shown)), [r["accuracy"] for r in shown], yerr=[r["accuracy_std"] for r in shown],
            color=[colours.get(r["method"], "tab:green") for r in shown], capsize=4)
@@ -149,17 +145,11 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_ylim(0, 1)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    atomic.write_file(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def write(records: list[dict], rows: list[dict], output: Path) -> None:
     text = json.dumps({"table": rows, "runs": records}, indent=1)
-    atomic.write_file(output / "compare.json", lambda p: p.write_text(text, encoding="utf-8"))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    csv_text = buffer.getvalue()
-    atomic.write_file(output / "compare.csv", lambda p: p.write_text(csv_text, encoding="utf-8"))
+    atomic.write_text(output / "compare.json", text)
+    atomic.write_csv(output / "compare.csv", rows, list(rows[0]))
     plot(rows, output / "compare.png")

@@ -122,7 +122,7 @@ def run_default(cfg) -> dict:
     result = {"before": before, "after": after, "seconds": time.perf_counter() - start,
               "train_seconds": summary["train_seconds"]}
     text = json.dumps(result, indent=2)
-    atomic.write_file(Path(cfg.output) / "demo.json", lambda p: p.write_text(text, encoding="utf-8"))
+    atomic.write_text(out / "demo.json", text)
     saved = f"model saved to {out / 'model'}" if cfg.method == "full" else f"adapter saved to {out / 'adapter'} (PEFT format)"
     print(f"{saved}; metrics, loss curve and summary in "
           f"{cfg.output}/. Whole demo: {result['seconds'] / 60:.1f} min, training {summary['train_seconds'] / 60:.1f} min.")

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import atomic
+from ..figures import pyplot, save_png
 
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -28,7 +29,7 @@ def truncate_metrics(output: Path, step: int) -> None:
     resumed run's file reads as if the run had never stopped."""
     kept = [m for m in read_metrics(output) if m["step"] <= step]
     text = "".join(json.dumps(m) + "\n" for m in kept)
-    atomic.write_file(output / METRICS_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic.write_text(output / METRICS_NAME, text)
 
 
 class MetricsLog:
@@ -48,10 +49,7 @@ class MetricsLog:
 def plot_losses(output: Path, title: str) -> Path | None:
     """loss.png: training loss per step (and validation loss where evaluated). None without matplotlib."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")  # files only; never needs a display
-        import matplotlib.pyplot as plt
+        plt = pyplot()
     except ImportError:
         return None
     metrics = read_metrics(output)
@@ -69,8 +67,7 @@ def plot_losses(output: Path, title: str) -> Path | None:
     ax.legend()
     fig.tight_layout()
     path = output / PLOT_NAME
-    atomic.write_file(path, lambda p: fig.savefig(p, dpi=110, format="png"))
-    plt.close(fig)
+    save_png(fig, path)
     return path
 
 
@@ -86,5 +83,5 @@ def versions() -> dict[str, str]:
 def write_summary(output: Path, summary: dict[str, Any]) -> Path:
     summary = {**summary, "versions": versions(), "host": {"cpus": os.cpu_count()}}
     text = json.dumps(summary, indent=2, default=str)
-    atomic.write_file(output / SUMMARY_NAME, lambda p: p.write_text(text, encoding="utf-8"))
+    atomic.write_text(output / SUMMARY_NAME, text)
     return output / SUMMARY_NAME
