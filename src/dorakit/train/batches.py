@@ -7,6 +7,7 @@ integer (examples consumed) and a resumed run reads exactly the batches the inte
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property, lru_cache
 
 import torch
 from torch import Tensor
@@ -22,7 +23,7 @@ class Encoded:
     labels: list[int]  # causal LM: IGNORE where not trained; classification: unused
     class_id: int | None = None
 
-    @property
+    @cached_property
     def target_tokens(self) -> int:
         """Tokens the loss counts: a label at position 0 has nothing before it to predict it from."""
         if self.class_id is not None:
@@ -30,7 +31,8 @@ class Encoded:
         return sum(1 for t in self.labels[1:] if t != IGNORE)
 
 
-def _ids(tokenizer, text: str, special: bool) -> list[int]:
+def token_ids(tokenizer, text: str, special: bool = True) -> list[int]:
+    """Token ids of ``text``, with the tokenizer's special tokens (BOS) when ``special``."""
     return tokenizer(text, add_special_tokens=special)["input_ids"]
 
 
@@ -65,17 +67,17 @@ def encode(example: Example, tokenizer, max_length: int, label_ids: dict[str, in
 
     ``label_ids`` given: classification (the raw text, and the label's class id)."""
     if label_ids is not None:
-        return Encoded(_ids(tokenizer, example.text or example.prompt, True)[:max_length], [],
+        return Encoded(token_ids(tokenizer, example.text or example.prompt)[:max_length], [],
                        class_id=label_ids[example.label])
     if example.messages is not None:
         ids, labels = [], []
         for text, trained in _chat_segments(tokenizer, example.messages, example.source):
-            piece = _ids(tokenizer, text, False)
+            piece = token_ids(tokenizer, text, False)
             ids += piece
             labels += piece if trained else [IGNORE] * len(piece)
     else:
-        prompt = _ids(tokenizer, example.prompt, True) if example.prompt else []
-        target = _ids(tokenizer, example.target, not example.prompt)
+        prompt = token_ids(tokenizer, example.prompt) if example.prompt else []
+        target = token_ids(tokenizer, example.target, not example.prompt)
         if tokenizer.eos_token_id is not None and example.prompt:
             target = target + [tokenizer.eos_token_id]  # learn to stop after the answer
         ids, labels = prompt + target, [IGNORE] * len(prompt) + target
@@ -108,20 +110,19 @@ def split(items: list, fraction: float, seed: int, max_val: int) -> tuple[list, 
     return [x for i, x in enumerate(items) if i not in held], [items[i] for i in order[:count]]
 
 
+@lru_cache(maxsize=2)  # a step reads at most two epochs; the loop asks for the same ones step after step
+def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
+    return tuple(torch.randperm(n, generator=gen).tolist())
+
+
 def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Items ``start .. start+count`` of the endless stream of seeded per-epoch permutations of range(n)."""
-    out, cache = [], {}
-    for k in range(start, start + count):
-        epoch = k // n
-        if epoch not in cache:
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch + 1)
-            cache[epoch] = torch.randperm(n, generator=gen).tolist()
-        out.append(cache[epoch][k % n])
-    return out
+    return [_epoch_order(n, seed, k // n)[k % n] for k in range(start, start + count)]
 
 
-def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
-    """Right-padded batch: input_ids, attention_mask and labels (causal LM) or class labels."""
+def collate(items: list[Encoded], pad_id: int, device: torch.device | None = None) -> dict[str, Tensor]:
+    """Right-padded batch: input_ids, attention_mask and labels (causal LM) or class labels, on ``device``."""
     width = max(len(x.input_ids) for x in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)  # (batch, width)
     mask = torch.zeros((len(items), width), dtype=torch.long)
@@ -137,4 +138,4 @@ def collate(items: list[Encoded], pad_id: int) -> dict[str, Tensor]:
         batch["labels"] = torch.tensor([x.class_id for x in items])
     else:
         batch["labels"] = labels
-    return batch
+    return batch if device is None else {k: v.to(device) for k, v in batch.items()}

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batches import IGNORE, Encoded, collate
+from .batches import IGNORE, Encoded, collate, encode, token_ids
 from .data import Example, join_target
-from .loss import autocast, loss_sum, selective_head
+from .loss import autocast, logits_at, loss_sum, selective_head, target_token_losses
 
 
 @dataclass
@@ -30,6 +30,10 @@ class EvalSetup:
     device: torch.device
     autocast: torch.dtype | None = None
     batch_size: int = 16
+    max_length: int = 512
+
+    def batch(self, items: list[Encoded]) -> dict[str, torch.Tensor]:
+        return collate(items, self.tokenizer.pad_token_id, self.device)
 
 
 def _chunks(items: list, size: int):
@@ -45,17 +49,13 @@ def evaluate_loss(setup: EvalSetup, items: list[Encoded]) -> dict[str, float]:
     selective = setup.task != "classification" and selective_head(setup.model)
     total, count = 0.0, 0
     for chunk in _chunks(items, setup.batch_size):
-        batch = {k: v.to(setup.device) for k, v in collate(chunk, setup.tokenizer.pad_token_id).items()}
+        batch = setup.batch(chunk)
         with autocast(setup.device, setup.autocast):
             total += loss_sum(setup.model, batch, setup.task, selective).item()
         count += sum(x.target_tokens for x in chunk)
     setup.model.train(was_training)
     loss = total / max(count, 1)
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}
-
-
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    return tokenizer(prompt, add_special_tokens=True)["input_ids"]
 
 
 @torch.no_grad()
@@ -65,26 +65,27 @@ def rank_accuracy(setup: EvalSetup, examples: list[Example], labels: list[str]) 
     was_training = model.training
     model.eval()
     if setup.task == "classification":
-        items = [Encoded(tok(e.text, add_special_tokens=True)["input_ids"], [], class_id=labels.index(e.label))
-                 for e in examples]
+        label_ids = {name: i for i, name in enumerate(labels)}
+        items = [encode(e, tok, setup.max_length, label_ids) for e in examples]
         correct = 0
         for chunk in _chunks(items, setup.batch_size):
-            batch = {k: v.to(setup.device) for k, v in collate(chunk, tok.pad_token_id).items()}
+            batch = setup.batch(chunk)
             with autocast(setup.device, setup.autocast):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             correct += (logits.argmax(-1) == batch["labels"]).sum().item()
         model.train(was_training)
         return {"accuracy": correct / len(examples), "examples": len(examples)}
+    selective = selective_head(model)
     correct = 0
     for chunk in _chunks(examples, setup.batch_size):
-        prompts = [_prompt_ids(tok, e.prompt) for e in chunk]
+        prompts = [token_ids(tok, e.prompt) for e in chunk]
         # targets[i][j]: tokens of label j after prompt i (the space rule can depend on the prompt's end)
         targets = [[tok(join_target(e.prompt, label), add_special_tokens=False)["input_ids"] for label in labels]
                    for e in chunk]
         if all(len(t) == 1 for row in targets for t in row):
-            scores = _next_token_scores(setup, prompts, targets)
+            scores = _next_token_scores(setup, prompts, targets, selective)
         else:
-            scores = torch.stack([_sequence_scores(setup, prompts, [row[j] for row in targets])
+            scores = torch.stack([_sequence_scores(setup, prompts, [row[j] for row in targets], selective)
                                   for j in range(len(labels))], 1)
         picked = scores.argmax(1).tolist()  # (examples,) index of the most likely label
         correct += sum(labels[p] == e.label for p, e in zip(picked, chunk))
@@ -92,31 +93,25 @@ def rank_accuracy(setup: EvalSetup, examples: list[Example], labels: list[str]) 
     return {"accuracy": correct / len(examples), "examples": len(examples)}
 
 
-def _logits(setup: EvalSetup, items: list[Encoded]) -> tuple[torch.Tensor, dict]:
-    batch = {k: v.to(setup.device) for k, v in collate(items, setup.tokenizer.pad_token_id).items()}
-    with autocast(setup.device, setup.autocast):
-        logits = setup.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    return logits.float(), batch
-
-
-def _next_token_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[list[int]]]) -> torch.Tensor:
+def _next_token_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[list[int]]],
+                       selective: bool) -> torch.Tensor:
     """Single-token labels: one forward of the prompts scores every label. Returns (examples, labels)."""
-    logits, _ = _logits(setup, [Encoded(p, p) for p in prompts])
-    last = torch.tensor([len(p) - 1 for p in prompts], device=logits.device)
-    logp = torch.log_softmax(logits[torch.arange(len(prompts), device=logits.device), last], -1)  # (B, vocab)
+    batch = setup.batch([Encoded(p, p) for p in prompts])
+    at = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)  # (B, T): each prompt's last position
+    at[torch.arange(len(prompts)), torch.tensor([len(p) - 1 for p in prompts])] = True
+    with autocast(setup.device, setup.autocast):
+        logits = logits_at(setup.model, batch, at, selective)  # (B, vocab)
     ids = torch.tensor([[t[0] for t in row] for row in targets], device=logits.device)  # (B, labels)
-    return logp.gather(1, ids).cpu()
+    return torch.log_softmax(logits.float(), -1).gather(1, ids).cpu()
 
 
-def _sequence_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[int]]) -> torch.Tensor:
+def _sequence_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[int]], selective: bool) -> torch.Tensor:
     """Summed log-probability of each prompt's target tokens: one batched forward. Returns (examples,)."""
-    items = [Encoded(p + t, [IGNORE] * len(p) + t) for p, t in zip(prompts, targets)]
-    logits, batch = _logits(setup, items)
-    logp = torch.log_softmax(logits[:, :-1], -1)  # (B, T-1, vocab): position t predicts t+1
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T-1)
-    return (picked * keep).sum(1).cpu()
+    batch = setup.batch([Encoded(p + t, [IGNORE] * len(p) + t) for p, t in zip(prompts, targets)])
+    with autocast(setup.device, setup.autocast):
+        losses, keep = target_token_losses(setup.model, batch, selective)  # (N,), (B, T-1)
+    rows = keep.nonzero()[:, 0]  # the example of each target token
+    return torch.zeros(len(prompts), device=losses.device).index_add_(0, rows, -losses).cpu()
 
 
 def extract_answer(text: str, labels: list[str]) -> str | None:
@@ -139,7 +134,7 @@ def generation_accuracy(setup: EvalSetup, examples: list[Example], labels: list[
     correct = unparsed = 0
     for chunk in _chunks(examples, setup.batch_size):
         # Left padding, so every prompt ends where generation starts.
-        prompts = [_prompt_ids(tok, e.prompt) for e in chunk]
+        prompts = [token_ids(tok, e.prompt) for e in chunk]
         width = max(map(len, prompts))
         ids = torch.full((len(chunk), width), tok.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)

@@ -41,7 +41,7 @@ def evaluate_file(model_dir: str | Path, data: str | Path, adapter: str | Path |
         dataset.examples = dataset.examples[:max_examples]
     labels = dataset.labels
     model, tokenizer, task, device = load_with_adapter(model_dir, adapter, dtype, labels)
-    setup = EvalSetup(model, tokenizer, task, device, pick_autocast("auto", device), batch_size)
+    setup = EvalSetup(model, tokenizer, task, device, pick_autocast("auto", device), batch_size, max_length)
     label_ids = {n: i for i, n in enumerate(labels)} if task == "classification" else None
     result: dict = {"examples": len(dataset.examples)}
     if loss:

@@ -144,7 +144,8 @@ def run(cfg: TrainConfig) -> dict:
     if saved is not None:
         progress = restore_checkpoint(out / "checkpoint", model, optimizer, scheduler)
         truncate_metrics(out, progress.step)
-    evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, cfg.micro_batch)
+    evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, cfg.micro_batch,
+                          cfg.max_length)
     label_eval = bool(labels) and cfg.eval_accuracy and bool(val_ex)
     trainable, total = trainable_parameters(model)
     print(f"dorakit train: {_method_name(cfg)} on {cfg.model} ({loaded.task}), {trainable:,} of {total:,} "
@@ -180,7 +181,7 @@ def run(cfg: TrainConfig) -> dict:
                 loss_total, seen = 0.0, 0
                 for first in range(0, len(items), cfg.micro_batch):
                     chunk = items[first : first + cfg.micro_batch]
-                    batch = {k: v.to(loaded.device) for k, v in collate(chunk, loaded.tokenizer.pad_token_id).items()}
+                    batch = collate(chunk, loaded.tokenizer.pad_token_id, loaded.device)
                     with autocast(loaded.device, loaded.autocast):
                         summed = loss_sum(model, batch, loaded.task, selective)
                     (summed / trained).backward()

@@ -33,17 +33,26 @@ def selective_head(model: nn.Module) -> bool:
     return model_type in PLAIN_HEAD_TYPES and head is not None and getattr(model, "base_model", model) is not model
 
 
+def logits_at(model: nn.Module, batch: dict[str, Tensor], at: Tensor, selective: bool) -> Tensor:
+    """Next-token logits at the positions where ``at`` ([B, T] bool) is True: (N, vocab), row-major."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if selective:
+        hidden = model.base_model(**inputs).last_hidden_state  # (B, T, hidden)
+        return model.get_output_embeddings()(hidden[at])  # the head runs at the selected positions only
+    return model(**inputs).logits[at]
+
+
+def target_token_losses(model: nn.Module, batch: dict[str, Tensor], selective: bool) -> tuple[Tensor, Tensor]:
+    """(cross-entropy of each trained token, fp32 [N]; keep [B, T-1], where those tokens are)."""
+    targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted from position t
+    keep = targets != IGNORE
+    logits = logits_at(model, batch, F.pad(keep, (0, 1)), selective)  # (N, vocab)
+    return F.cross_entropy(logits.float(), targets[keep], reduction="none"), keep
+
+
 def causal_lm_loss_sum(model: nn.Module, batch: dict[str, Tensor], selective: bool) -> Tensor:
     """Sum of next-token cross-entropies over the trained (label != IGNORE) tokens."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]  # (B, T-1): token t+1 is predicted from position t
-    keep = targets != IGNORE
-    if selective:
-        hidden = model.base_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = model.get_output_embeddings()(hidden[:, :-1][keep])  # (N, vocab) at trained positions only
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
-    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    return target_token_losses(model, batch, selective)[0].sum()
 
 
 def classification_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:

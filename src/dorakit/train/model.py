@@ -12,11 +12,11 @@ from ..config import DoraConfig
 from ..hf import DTYPES, require_transformers
 from ..inject import inject_adapters
 from ..layers import is_conv1d
+from ..targets import ALL_LINEAR  # every Linear/Conv1D of attention and MLP; never the output head
 from .options import TrainConfig
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 CLASSIFIER_HEADS = ("score", "classifier")  # the new head of transformers' *ForSequenceClassification
-ALL_LINEAR = "all-linear"  # every Linear/Conv1D of attention and MLP; never the output head
 
 
 @dataclass
