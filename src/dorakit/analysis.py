@@ -17,7 +17,6 @@ paper reports the correlation of delta_d with delta_m over layers and checkpoint
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,70 +139,85 @@ def is_adapter_dir(path: Path) -> bool:
     return (path / "adapter_config.json").is_file()
 
 
-@torch.no_grad()
-def merged_rows(base_rows: Tensor, tensors: dict[str, Tensor], config, path: str) -> Tensor | None:
-    """The weight rows an adapter computes with for module ``path`` (its merge into a copy of the
-    base), or None when the adapter does not touch that module."""
-    from .functional import merge_rows_
-    from .keys import PEFT_PREFIX
+class AdapterSource:
+    """An adapter directory, read once: its config and tensors, and the module each entry adapts."""
 
-    prefixes = {k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight")}
-    match = [p for p in prefixes if same_module(p[len(PEFT_PREFIX):], path)]
-    if not match:
-        return None
-    prefix = match[0]
-    lora_a, lora_b = tensors[f"{prefix}.lora_A.weight"].float(), tensors[f"{prefix}.lora_B.weight"].float()
-    module = prefix[len(PEFT_PREFIX):]
-    rank = lora_a.shape[0]
-    alpha = config.alpha_for(module)
-    scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-    magnitude = tensors.get(f"{prefix}.lora_magnitude_vector") if config.use_dora else None
-    if config.use_dora and magnitude is None:
-        raise ValueError(f"The DoRA adapter has no magnitude for {module}; it cannot be analysed (or loaded) correctly.")
-    rows = base_rows.float().clone()
-    merge_rows_(rows, lora_a, lora_b, scaling, magnitude)
-    return rows
+    def __init__(self, directory: Path, analysed: list[str]) -> None:
+        from .io import read_adapter_config, read_adapter_tensors
+        from .keys import PEFT_PREFIX
+
+        self.config = read_adapter_config(directory)
+        self.method = "dora" if self.config.use_dora else "lora"
+        tensors = read_adapter_tensors(directory)
+        suffix = ".lora_A.weight"
+        self.prefixes = {k[len(PEFT_PREFIX): -len(suffix)]: k[: -len(suffix)] for k in tensors if k.endswith(suffix)
+                         if any(same_module(k[len(PEFT_PREFIX): -len(suffix)], p) for p in analysed)}
+        # Only the analysed modules' tensors are kept: many checkpoints are open at once.
+        self.tensors = {k: v for k, v in tensors.items() if any(k.startswith(p + ".") for p in self.prefixes.values())}
+
+    @torch.no_grad()
+    def rows(self, base_rows: Tensor, path: str) -> Tensor:
+        """The rows this adapter computes with for module ``path``: its merge into a copy of the base
+        (the layers' own merge), or the base rows when it does not adapt that module."""
+        from .functional import lora_scaling, merge_rows_
+
+        module = next((m for m in self.prefixes if same_module(m, path)), None)
+        if module is None:
+            return base_rows
+        prefix, config = self.prefixes[module], self.config
+        lora_a, lora_b = self.tensors[f"{prefix}.lora_A.weight"].float(), self.tensors[f"{prefix}.lora_B.weight"].float()
+        magnitude = self.tensors.get(f"{prefix}.lora_magnitude_vector") if config.use_dora else None
+        if config.use_dora and magnitude is None:
+            raise ValueError(f"The DoRA adapter has no magnitude for {module}; it cannot be analysed (or loaded) correctly.")
+        rows = base_rows.float().clone()
+        merge_rows_(rows, lora_a, lora_b, lora_scaling(lora_a.shape[0], config.alpha_for(module), config.use_rslora),
+                    magnitude)
+        return rows
+
+
+class FullSource:
+    """A fully fine-tuned checkpoint: its own weights, read one tensor at a time."""
+
+    method = "full"
+
+    def __init__(self, directory: Path) -> None:
+        self.weights = Weights(directory)
+
+    def rows(self, base_rows: Tensor, path: str) -> Tensor:
+        return self.weights.rows(self.weights.find(f"{path}.weight"))
+
+
+def open_checkpoint(checkpoint: Path, analysed: list[str]) -> AdapterSource | FullSource:
+    if not checkpoint.is_dir():
+        raise FileNotFoundError(f"Checkpoint {checkpoint} is not a directory.")
+    source = checkpoint
+    for inner in ("adapter", "model"):  # a dorakit run or checkpoint directory
+        if not is_adapter_dir(source) and (checkpoint / inner).is_dir():
+            source = checkpoint / inner
+    return AdapterSource(source, analysed) if is_adapter_dir(source) else FullSource(source)
 
 
 def analyse(base: str | Path, checkpoints: list[str | Path], modules: list[str] = DEFAULT_MODULES) -> list[Row]:
-    """One Row per analysed weight matrix per checkpoint.
+    """One Row per analysed weight matrix per checkpoint (checkpoint-major order).
 
     Checkpoints are adapter directories (LoRA/DoRA, merged into copies of the base weights with the
     same merge the layers use), dorakit checkpoint directories (their adapter or model), or full
-    fine-tuned model directories. Only the analysed tensors are read.
+    fine-tuned model directories. Each base weight is read once, and only the analysed tensors are read.
     """
-    from .io import read_adapter_config, read_adapter_tensors
-
     weights = Weights(Path(base))
     keys = [k for k in weights.files if k.endswith(".weight") and k.split(".")[-2] in modules]
     if not keys:
         names = sorted({k.split(".")[-2] for k in weights.files if k.endswith(".weight") and "." in k})
         raise ValueError(f"The base model has no weight named {list(modules)}; pass --modules with names it has: "
                          f"{', '.join(names[:12])}.")
-    rows = []
-    for checkpoint in map(Path, checkpoints):
-        if not checkpoint.is_dir():
-            raise FileNotFoundError(f"Checkpoint {checkpoint} is not a directory.")
-        source = checkpoint
-        for inner in ("adapter", "model"):  # a dorakit run or checkpoint directory
-            if not is_adapter_dir(source) and (checkpoint / inner).is_dir():
-                source = checkpoint / inner
-        if is_adapter_dir(source):
-            config = read_adapter_config(source)
-            tensors = read_adapter_tensors(source)
-            method = "dora" if config.use_dora else "lora"
-        else:
-            tuned = Weights(source)
-            method = "full"
-        step = checkpoint_step(checkpoint)
-        for key in keys:
-            path = key[: -len(".weight")]
-            base_rows = weights.rows(key)
-            if method == "full":
-                new = tuned.rows(tuned.find(key))
-            else:
-                new = merged_rows(base_rows, tensors, config, path)
-                new = base_rows if new is None else new  # not adapted: unchanged
-            dm, dd = decomposition_change(base_rows, new)
-            rows.append(Row(str(checkpoint), method, step, layer_index(path), path.split(".")[-1], path, dm, dd))
-    return rows
+    paths = list(map(Path, checkpoints))
+    sources = [open_checkpoint(p, [k[: -len(".weight")] for k in keys]) for p in paths]
+    steps = [checkpoint_step(p) for p in paths]
+    rows: list[list[Row]] = [[] for _ in paths]
+    for key in keys:
+        path = key[: -len(".weight")]
+        base_rows = weights.rows(key)
+        for i, source in enumerate(sources):
+            dm, dd = decomposition_change(base_rows, source.rows(base_rows, path))
+            rows[i].append(Row(str(paths[i]), source.method, steps[i], layer_index(path), path.split(".")[-1], path, dm, dd))
+    return [row for per_checkpoint in rows for row in per_checkpoint]

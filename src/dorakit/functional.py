@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -41,6 +43,11 @@ def row_chunks(n_rows: int, row_width: int, chunk_elements: int | None = None) -
     limit = CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
     step = max(1, limit // max(1, row_width))
     return [slice(start, min(start + step, n_rows)) for start in range(0, n_rows, step)]
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool = False) -> float:
+    """s = lora_alpha / r, or lora_alpha / sqrt(r) with rank-stabilised LoRA (rsLoRA)."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
 
 
 def _exact_dtype(device: torch.device) -> torch.dtype:

@@ -69,7 +69,7 @@ class AdapterLayer(nn.Module):
         self.r = r
         self.lora_alpha = lora_alpha
         self.use_rslora = use_rslora
-        self.scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling = F_dora.lora_scaling(r, lora_alpha, use_rslora)
         self.use_dora = use_dora
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 and self.supports_dropout else nn.Identity()
         self.merged = False
