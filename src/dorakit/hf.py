@@ -12,6 +12,11 @@ DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def torch_dtype(name: DTypeName) -> torch.dtype | str:
+    """What transformers' ``from_pretrained(dtype=...)`` takes for a dtype name ("auto": the checkpoint's)."""
+    return "auto" if name == "auto" else DTYPES[name]
+
+
 def require_transformers():
     try:
         import transformers
@@ -31,8 +36,7 @@ def load_pretrained(path: str | os.PathLike, dtype: DTypeName = "auto") -> nn.Mo
     model_class = getattr(transformers, names[0], None) if names else None
     if model_class is None:
         model_class = transformers.AutoModel
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
-    return model_class.from_pretrained(path, dtype=torch_dtype)
+    return model_class.from_pretrained(path, dtype=torch_dtype(dtype))
 
 
 def load_tokenizer(path: str | os.PathLike):

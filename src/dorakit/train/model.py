@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import DoraConfig
-from ..hf import DTYPES, require_transformers
+from ..hf import require_transformers, torch_dtype
 from ..inject import inject_adapters
 from ..layers import is_conv1d
 from ..targets import ALL_LINEAR  # every Linear/Conv1D of attention and MLP; never the output head
@@ -94,7 +94,6 @@ def load_model(path: Path, task: str, dtype: str, labels: list[str] | None):
     """(model, tokenizer) of a checkpoint for ``task``; a classifier gets one output per label (a new
     head when the checkpoint's does not fit) and a tokenizer without a pad token pads with EOS."""
     transformers = require_transformers()
-    torch_dtype = "auto" if dtype == "auto" else DTYPES[dtype]
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -104,10 +103,10 @@ def load_model(path: Path, task: str, dtype: str, labels: list[str] | None):
         if not labels:
             raise ValueError("A classification model needs text/label data (a 'label' field).")
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch_dtype, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            path, dtype=torch_dtype(dtype), num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
