@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .functional import row_chunks
+from .keys import PEFT_PREFIX, PROJECTION_KEYS
 
 DEFAULT_MODULES = ("q_proj", "v_proj")  # the paper analyses the query and value projections
 
@@ -144,16 +145,31 @@ class AdapterSource:
 
     def __init__(self, directory: Path, analysed: list[str]) -> None:
         from .io import read_adapter_config, read_adapter_tensors
-        from .keys import PEFT_PREFIX
 
         self.config = read_adapter_config(directory)
-        self.method = "dora" if self.config.use_dora else "lora"
+        self.method = self.config.method
         tensors = read_adapter_tensors(directory)
-        suffix = ".lora_A.weight"
+        self.vera = self.config.direction == "vera"
+        suffix = ".vera_lambda_d" if self.vera else ".lora_A.weight"
         self.prefixes = {k[len(PEFT_PREFIX): -len(suffix)]: k[: -len(suffix)] for k in tensors if k.endswith(suffix)
                          if any(same_module(k[len(PEFT_PREFIX): -len(suffix)], p) for p in analysed)}
         # Only the analysed modules' tensors are kept: many checkpoints are open at once.
         self.tensors = {k: v for k, v in tensors.items() if any(k.startswith(p + ".") for p in self.prefixes.values())}
+        if self.vera:
+            missing = [key for key in PROJECTION_KEYS.values() if key not in tensors]
+            if missing:
+                raise ValueError(f"{directory} has no VeRA projections {missing} (saved with save_projection=false); "
+                                 "load it onto its base model and save it again with save_projection=True to analyse it.")
+            self.tensors.update({key: tensors[key] for key in PROJECTION_KEYS.values()})
+
+    def factors(self, prefix: str, out_features: int, in_features: int) -> tuple[Tensor, Tensor]:
+        """The update's A [r, in] and B [out, r] for one module (VeRA's vectors folded into its shared pair)."""
+        if not self.vera:
+            return self.tensors[f"{prefix}.lora_A.weight"].float(), self.tensors[f"{prefix}.lora_B.weight"].float()
+        vera_a = self.tensors[PROJECTION_KEYS["vera_A"]].float()[:, :in_features]
+        vera_b = self.tensors[PROJECTION_KEYS["vera_B"]].float()[:out_features]
+        lambda_d, lambda_b = self.tensors[f"{prefix}.vera_lambda_d"].float(), self.tensors[f"{prefix}.vera_lambda_b"].float()
+        return lambda_d[:, None] * vera_a, lambda_b[:, None] * vera_b
 
     @torch.no_grad()
     def rows(self, base_rows: Tensor, path: str) -> Tensor:
@@ -165,13 +181,13 @@ class AdapterSource:
         if module is None:
             return base_rows
         prefix, config = self.prefixes[module], self.config
-        lora_a, lora_b = self.tensors[f"{prefix}.lora_A.weight"].float(), self.tensors[f"{prefix}.lora_B.weight"].float()
+        lora_a, lora_b = self.factors(prefix, *base_rows.shape)
         magnitude = self.tensors.get(f"{prefix}.lora_magnitude_vector") if config.use_dora else None
         if config.use_dora and magnitude is None:
             raise ValueError(f"The DoRA adapter has no magnitude for {module}; it cannot be analysed (or loaded) correctly.")
         rows = base_rows.float().clone()
-        merge_rows_(rows, lora_a, lora_b, lora_scaling(lora_a.shape[0], config.alpha_for(module), config.use_rslora),
-                    magnitude)
+        scaling = 1.0 if self.vera else lora_scaling(lora_a.shape[0], config.alpha_for(module), config.use_rslora)
+        merge_rows_(rows, lora_a, lora_b, scaling, magnitude)
         return rows
 
 

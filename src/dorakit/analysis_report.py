@@ -51,7 +51,7 @@ def plot(rows: list[Row], path: Path) -> Path:
     """Scatter of delta_m against delta_d, one panel per method (columns) and module (rows), points
     coloured by training step, with a least-squares line and the correlation in each title."""
     plt = pyplot()
-    order = ["full", "lora", "dora"]
+    order = ["full", "lora", "dora", "vera", "dvora"]
     methods = sorted({r.method for r in rows}, key=lambda m: (order.index(m) if m in order else len(order), m))
     modules = sorted({r.module for r in rows})
     fig, axes = plt.subplots(len(modules), len(methods), figsize=(4 * len(methods), 3.4 * len(modules)), squeeze=False)

@@ -142,9 +142,9 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
 def compare(output: str, model: str | None = None, data: str | None = None,
             methods: list[str] = ["full", "lora", "dora", "dora-half"], ranks: list[int] = [8],
             seeds: list[int] = [0, 1, 2], max_steps: int | None = None, batch_size: int | None = None,
-            lr: float | None = None, full_lr: float | None = None, config: str | None = None,
-            name: str | None = None) -> None:
-    """Compare full fine-tuning, LoRA, DoRA and DoRA at half rank on one model, data set and budget.
+            lr: float | None = None, full_lr: float | None = None, vera_ranks: list[int] = [256],
+            vera_lr: float | None = None, config: str | None = None, name: str | None = None) -> None:
+    """Compare full fine-tuning, LoRA, DoRA, DoRA at half rank, VeRA and DVoRA on one model, data set and budget.
 
     Every run is `dorakit train` with the same options but method, rank (lora_alpha = 2 x rank) and
     seed, in OUTPUT/<method>-r<rank>-s<seed>/ (finished runs are reused when the command is repeated).
@@ -156,13 +156,15 @@ def compare(output: str, model: str | None = None, data: str | None = None,
         output: Directory for the runs and the table.
         model: Model directory. Unset: the embedded SmolLM2.
         data: Training data (text/label data gives accuracy). Unset: the embedded tweet-sentiment set.
-        methods: Any of full, lora, dora, dora-half.
-        ranks: Adapter ranks (dora-half uses half of each).
+        methods: Any of full, lora, dora, dora-half, vera, dvora.
+        ranks: Adapter ranks of lora and dora (dora-half uses half of each).
         seeds: Seeds; each method and rank runs once per seed.
         max_steps: Optimizer steps per run (the shared budget).
         batch_size: Global batch per step.
         lr: Learning rate of the adapter runs.
         full_lr: Learning rate of full fine-tuning (typically 10-100x lower than an adapter's).
+        vera_ranks: Ranks of vera and dvora (their shared projections; trainable size is r + out per layer).
+        vera_lr: Learning rate of vera and dvora (VeRA's authors use about 10x LoRA's). Unset: --lr.
         config: A `dorakit train` config file with the other options (every run uses it).
         name: Named configuration in --config.
     """
@@ -184,7 +186,7 @@ def compare(output: str, model: str | None = None, data: str | None = None,
             common += [flag, str(value)]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    records = run_all(plan(methods, ranks, seeds), common, full_lr, out)
+    records = run_all(plan(methods, ranks, seeds, vera_ranks), common, full_lr, out, vera_lr)
     rows = table(records)
     write(records, rows, out)
     print(format_table(rows))

@@ -1,5 +1,5 @@
-"""``dorakit compare``: one model, one dataset, one budget; full fine-tuning, LoRA, DoRA and DoRA at half
-rank over several seeds, as in the DoRA paper's comparisons (Tables 1-4, rank sweep Fig. 5).
+"""``dorakit compare``: one model, one dataset, one budget; full fine-tuning, LoRA, DoRA, DoRA at half
+rank, VeRA and DVoRA over several seeds, as in the DoRA paper's comparisons (Tables 1-5, rank sweep Fig. 5).
 
 Each run is a ``dorakit train`` subprocess (so peak memory is per run and one failure is reported,
 not fatal), with its own output directory; the table is built from their summary.json files:
@@ -19,7 +19,8 @@ from pathlib import Path
 from . import atomic
 from .figures import pyplot, save_png
 
-METHODS = ("full", "lora", "dora", "dora-half")
+METHODS = ("full", "lora", "dora", "dora-half", "vera", "dvora")
+VERA_METHODS = ("vera", "dvora")  # ranked by --vera-ranks: their rank costs no trainable parameters
 
 
 def rank_used(method: str, rank: int) -> int:
@@ -41,23 +42,27 @@ class Planned:
         if self.rank is None:
             return ["--method", "full", "--seed", str(self.seed)]
         rank = rank_used(self.method, self.rank)
+        if self.method in VERA_METHODS:  # no scale to set: VeRA's vectors carry it
+            return ["--method", self.method, "--r", str(rank), "--seed", str(self.seed)]
         method = "dora" if self.method.startswith("dora") else "lora"
         # alpha = 2 x the method's rank keeps s = 2 for every row of the table (the paper's setting)
         return ["--method", method, "--r", str(rank), "--lora-alpha", str(2 * rank), "--seed", str(self.seed)]
 
 
-def plan(methods: list[str], ranks: list[int], seeds: list[int]) -> list[Planned]:
+def plan(methods: list[str], ranks: list[int], seeds: list[int], vera_ranks: list[int] = [256]) -> list[Planned]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; choose from {', '.join(METHODS)}.")
     runs = []
     for method in methods:
-        for rank in [None] if method == "full" else ranks:
+        method_ranks = [None] if method == "full" else vera_ranks if method in VERA_METHODS else ranks
+        for rank in method_ranks:
             runs.extend(Planned(method, rank, seed) for seed in seeds)
     return runs
 
 
-def run_all(runs: list[Planned], common: list[str], full_lr: float | None, output: Path) -> list[dict]:
+def run_all(runs: list[Planned], common: list[str], full_lr: float | None, output: Path,
+            vera_lr: float | None = None) -> list[dict]:
     """Train every planned run that has no finished summary yet; returns one record per run."""
     records = []
     for index, item in enumerate(runs, start=1):
@@ -65,7 +70,8 @@ def run_all(runs: list[Planned], common: list[str], full_lr: float | None, outpu
         summary_path = out / "summary.json"
         done = summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "finished"
         if not done:
-            extra = ["--lr", str(full_lr)] if item.rank is None and full_lr is not None else []
+            own_lr = full_lr if item.rank is None else vera_lr if item.method in VERA_METHODS else None
+            extra = ["--lr", str(own_lr)] if own_lr is not None else []
             print(f"[{index}/{len(runs)}] {item.name}", flush=True)
             command = [sys.executable, "-m", "dorakit", "train", *common, *item.train_args(), *extra,
                        "--output", str(out), "--overwrite", "--no-progress"]
@@ -137,7 +143,8 @@ def plot(rows: list[dict], path: Path) -> None:
     shown = [r for r in rows if r["accuracy"] is not None]
     fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(shown) + 2), 4))
     labels = [r["method"] if r["rank"] is None else f"{r['method']}\nr={rank_used(r['method'], r['rank'])}" for r in shown]
-    colours = {"full": "tab:gray", "lora": "tab:blue", "dora": "tab:orange", "dora-half": "tab:red"}
+    colours = {"full": "tab:gray", "lora": "tab:blue", "dora": "tab:orange", "dora-half": "tab:red",
+               "vera": "tab:green", "dvora": "tab:purple"}
     ax.bar(range(len(shown)), [r["accuracy"] for r in shown], yerr=[r["accuracy_std"] for r in shown],
            color=[colours.get(r["method"], "tab:green") for r in shown], capsize=4)
     ax.set_xticks(range(len(shown)), labels, fontsize=8)

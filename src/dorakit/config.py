@@ -1,6 +1,8 @@
 """``DoraConfig``: one typed config for the Python API, the command line and saved adapters.
 
 Field names are PEFT's ``LoraConfig`` names, so an ``adapter_config.json`` maps onto it directly.
+The direction update is LoRA's low-rank pair or VeRA's shared random projections (``direction``), and
+the magnitude is on or off (``use_dora``): LoRA, DoRA, VeRA and DVoRA (paper section 5.5) from one config.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from .layers.base import check_hyperparameters
 
 BIAS_MODES = ("none", "all", "lora_only")
+DIRECTIONS = ("lora", "vera")
 
 
 @dataclass
@@ -41,9 +44,20 @@ class DoraConfig:
     bias: str = "none"  # which biases train: "none", "all", or "lora_only" (those of adapted layers)
     task_type: str | None = None  # PEFT's task type, kept for saved files (e.g. "CAUSAL_LM")
     base_model_name_or_path: str | None = None  # recorded in saved adapters when known
+    # The direction update: "lora" (B A, trainable) or "vera": frozen random A [r, in_max] and
+    # B [out_max, r] shared by all adapted layers, scaled by trainable vectors (Kopiczko et al. 2024):
+    # dW = diag(lambda_b) B diag(lambda_d) A. With use_dora=True that is the paper's DVoRA.
+    direction: str = "lora"
+    projection_prng_key: int = 0  # VeRA: seed that regenerates the shared A and B (PEFT's field)
+    save_projection: bool = True  # VeRA: store A and B in the adapter file (else regenerated from the seed)
+    d_initial: float = 0.1  # VeRA: initial value of lambda_d (lambda_b starts at 0: the base model)
 
     def __post_init__(self) -> None:
         check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
+        if self.direction == "vera":
+            self._check_vera()
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         self.target_modules = _name_list_or_regex(self.target_modules, "target_modules")
@@ -58,6 +72,26 @@ class DoraConfig:
         for pattern, alpha in self.alpha_pattern.items():
             _check_regex(pattern, "alpha_pattern")
             check_hyperparameters(1, alpha, 0.0, True)
+
+    def _check_vera(self) -> None:
+        # VeRA has one rank (the shared projections') and no scale: reject what would be ignored.
+        unused = {"rank_pattern": self.rank_pattern, "alpha_pattern": self.alpha_pattern, "use_rslora": self.use_rslora}
+        given = [name for name, value in unused.items() if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to direction='vera' (one shared rank, no scale); remove them.")
+        if self.init_lora_weights == "gaussian":
+            raise ValueError("direction='vera' initialises with init_lora_weights=True (lambda_b = 0) or False (random).")
+        if isinstance(self.projection_prng_key, bool) or not isinstance(self.projection_prng_key, int):
+            raise ValueError(f"projection_prng_key must be an integer seed, got {self.projection_prng_key!r}.")
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, (int, float)):
+            raise ValueError(f"d_initial must be a number (VeRA's initial lambda_d, e.g. 0.1), got {self.d_initial!r}.")
+
+    @property
+    def method(self) -> str:
+        """lora, dora, vera or dvora: the direction update with or without the magnitude."""
+        if self.direction == "vera":
+            return "dvora" if self.use_dora else "vera"
+        return "dora" if self.use_dora else "lora"
 
     def rank_for(self, module_path: str) -> int:
         """The rank for one module: ``rank_pattern``'s first matching key, else ``r``."""

@@ -132,7 +132,7 @@ def run_default(cfg) -> dict:
 def format_table(before: dict, after: dict, cfg) -> str:
     head = f"held-out test ({before['examples']} tweets, balanced)"
     return "\n".join([
-        f"{head:<40} {'base model':>11} {'full' if cfg.method == 'full' else cfg.method + ' r=' + str(cfg.r):>11}",
+        f"{head:<40} {'base model':>11} {'full' if cfg.method == 'full' else cfg.method + ' r=' + str(cfg.rank):>11}",
         f"{'label accuracy (most likely label)':<40} {before['rank_accuracy']:>11.1%} {after['rank_accuracy']:>11.1%}",
         f"{'chance (one class every time)':<40} {before['majority_baseline']:>11.1%}",
         f"{'evaluation time':<40} {before['seconds']:>10.0f}s {after['seconds']:>10.0f}s",

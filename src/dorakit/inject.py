@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .config import DoraConfig, pattern_key
-from .layers import AdapterLayer, wrap_module
+from .layers import AdapterLayer, VeraProjection, check_vera_target, default_adapter_dtype, is_conv1d, wrap_module
 from .modules_to_save import ModulesToSave
 from .targets import find_modules_to_save, find_targets
 
@@ -74,10 +74,13 @@ def inject_adapters(
         )
     targets = find_targets(model, config)
     save_paths = find_modules_to_save(model, config)
+    projection = shared_projection(model, targets, config, adapter_dtype) if config.direction == "vera" else None
     wrappers = {
         path: wrap_module(
             model.get_submodule(path),
             name=path,
+            projection=projection,
+            d_initial=config.d_initial,
             fan_in_fan_out=config.fan_in_fan_out,
             r=config.rank_for(path),
             lora_alpha=config.alpha_for(path),
@@ -100,6 +103,24 @@ def inject_adapters(
     setattr(model, _FLAGS_ATTR, flags)
     setattr(model, CONFIG_ATTR, config)
     return model
+
+
+def shared_projection(
+    model: nn.Module, targets: list[str], config: DoraConfig, adapter_dtype: torch.dtype | None = None
+) -> VeraProjection:
+    """VeRA's frozen pair, sized by the widest targets ([r, in_max] and [out_max, r]) and drawn from
+    ``config.projection_prng_key`` exactly as PEFT draws it."""
+    shapes = []
+    for path in targets:
+        module = model.get_submodule(path)
+        check_vera_target(module, path)
+        out_in = module.weight.shape[::-1] if is_conv1d(module) else module.weight.shape  # Conv1D stores [in, out]
+        shapes.append(tuple(out_in))
+    first = model.get_submodule(targets[0]).weight
+    return VeraProjection.generate(
+        config.r, max(s[1] for s in shapes), max(s[0] for s in shapes), config.projection_prng_key,
+        base_dtype=first.dtype, dtype=adapter_dtype or default_adapter_dtype(first.dtype), device=first.device,
+    )
 
 
 def _warn_unused_patterns(config: DoraConfig, targets: list[str]) -> None:

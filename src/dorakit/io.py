@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from . import atomic
 from .config import DoraConfig
 from .inject import CONFIG_ATTR, inject_adapters, unload
-from .keys import adapter_state_dict, from_peft_key, to_peft_key
+from .keys import PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
+from .layers import VeraProjection
 from .modules_to_save import ModulesToSave
 from .peft_format import from_peft_dict, to_peft_dict
 
@@ -55,6 +56,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
     if not overwrite and any((directory / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
         raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it.")
     tensors = {to_peft_key(k): v.detach().contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    projection = model_projection(model)
+    if projection is not None and config.save_projection:
+        tensors.update({key: getattr(projection, name).detach().contiguous().clone() for name, key in PROJECTION_KEYS.items()})
     content = json.dumps(to_peft_dict(config, model), indent=2, sort_keys=True)
     atomic.write_files(
         directory,
@@ -133,6 +137,7 @@ def load_adapter(
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str = "the adapter") -> None:
     """Copy PEFT-keyed adapter tensors into an adapted model after checking every key and shape."""
+    tensors, projection_update = _split_projection(model, tensors, source)
     copy_paths = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
     expected = adapter_state_dict(model)
     model_state = model.state_dict(keep_vars=True)
@@ -171,6 +176,45 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: s
     with torch.no_grad():
         for key, value in given.items():
             model_state[key].copy_(value.to(device=model_state[key].device, dtype=model_state[key].dtype))
+        for target, value in projection_update:
+            target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def model_projection(model: nn.Module) -> VeraProjection | None:
+    """The VeRA projection shared by the model's layers, if it has VeRA adapters."""
+    return next((m for m in model.modules() if isinstance(m, VeraProjection)), None)
+
+
+def _split_projection(
+    model: nn.Module, tensors: dict[str, Tensor], source: str
+) -> tuple[dict[str, Tensor], list[tuple[Tensor, Tensor]]]:
+    """Take VeRA's shared pair out of the file's tensors: (the rest, [(model buffer, file tensor)]).
+
+    A file saved with ``save_projection`` must hold the pair (PEFT refuses it otherwise too); without
+    it, the pair regenerated from ``projection_prng_key`` at injection is the one trained with.
+    """
+    found = {name: tensors[key] for name, key in PROJECTION_KEYS.items() if key in tensors}
+    rest = {k: v for k, v in tensors.items() if k not in PROJECTION_KEYS.values()}
+    projection = model_projection(model)
+    config = getattr(model, CONFIG_ATTR, None)
+    if projection is None:
+        if found:
+            raise ValueError(f"{source} holds VeRA projections ({', '.join(PROJECTION_KEYS[n] for n in found)}) "
+                             "but its config is not a VeRA adapter.")
+        return rest, []
+    if config is not None and config.save_projection and len(found) < len(PROJECTION_KEYS):
+        missing = [key for name, key in PROJECTION_KEYS.items() if name not in found]
+        raise ValueError(f"{source} was saved with save_projection=true but lacks {missing}; save the adapter again.")
+    updates = []
+    for name, value in found.items():
+        buffer = getattr(projection, name)
+        if tuple(value.shape) != tuple(buffer.shape):
+            raise ValueError(
+                f"{source} does not fit this model: {PROJECTION_KEYS[name]} is {list(value.shape)} but the targets "
+                f"need {list(buffer.shape)} ([r, widest input] / [widest output, r]): a different base model or target set?"
+            )
+        updates.append((buffer, value))
+    return rest, updates
 
 
 def _first(items: list[str]) -> str:

@@ -15,7 +15,12 @@ PEFT_PREFIX = "base_model.model."
 COPY_PART = "modules_to_save"  # ModulesToSave's trainable copy
 
 # Path components that belong to an adapter (everything else is the frozen base).
-ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+ADAPTER_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                 "vera_lambda_b", "vera_lambda_d")
+
+# VeRA's shared projections are one pair per model, stored (when ``save_projection``) under these
+# file keys, outside the per-module keys; the model holds them in every layer's ``vera_projection``.
+PROJECTION_KEYS = {"vera_A": "base_model.vera_A", "vera_B": "base_model.vera_B"}
 
 
 def is_adapter_key(key: str) -> bool:

@@ -1,6 +1,6 @@
 """``DoraConfig`` <-> PEFT's ``adapter_config.json``.
 
-dorakit writes the same fields PEFT 0.21.2 writes for a LoRA/DoRA adapter, with PEFT's defaults for
+dorakit writes the same fields PEFT 0.21.2 writes for a LoRA/DoRA (or VeRA) adapter, with PEFT's defaults for
 the features dorakit does not have, so PEFT and inference servers read the file as their own. On
 reading, a field dorakit cannot honour (a value other than its default) is an error naming it:
 an adapter must never load silently different from how it was trained.
@@ -62,6 +62,33 @@ PEFT_LORA_FIELDS: dict[str, Any] = {
     "velora_config": None,
 }
 
+# Every field of PEFT 0.21.2's VeraConfig.to_dict(), at PEFT's defaults.
+PEFT_VERA_FIELDS: dict[str, Any] = {
+    "base_model_name_or_path": None,
+    "bias": "none",
+    "d_initial": 0.1,
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_weights": True,
+    "layers_pattern": None,
+    "layers_to_transform": None,
+    "modules_to_save": None,
+    "peft_type": "VERA",
+    "peft_version": PEFT_FORMAT_VERSION,
+    "projection_prng_key": 0,
+    "r": 256,
+    "revision": None,
+    "save_projection": True,
+    "target_modules": None,
+    "task_type": None,
+    "vera_dropout": 0.0,
+}
+# DoraConfig fields a VeRA file stores under the same name, and those it renames (ours -> PEFT's).
+VERA_SHARED_FIELDS = ("r", "target_modules", "fan_in_fan_out", "modules_to_save", "task_type",
+                      "base_model_name_or_path", "projection_prng_key", "save_projection", "d_initial")
+VERA_RENAMED = {"lora_dropout": "vera_dropout", "init_lora_weights": "init_weights"}
+VERA_BIAS = {"none": "none", "all": "all", "lora_only": "vera_only"}
+
 # DoraConfig fields stored under the same name.
 SHARED_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_dora", "use_rslora",
@@ -83,10 +110,17 @@ def base_model_name(model: nn.Module) -> str | None:
 
 
 def to_peft_dict(config: DoraConfig, model: nn.Module | None = None) -> dict[str, Any]:
-    """The ``adapter_config.json`` content PEFT writes for the same adapter."""
-    out = copy.deepcopy(PEFT_LORA_FIELDS)
-    for name in SHARED_FIELDS:
-        out[name] = copy.deepcopy(getattr(config, name))
+    """The ``adapter_config.json`` content PEFT writes for the same adapter.
+
+    VeRA adapters get PEFT's VeRA config; DVoRA (which PEFT lacks) the same plus ``"use_dora": true``
+    (PEFT warns that it ignores that field, and would compute VeRA without the magnitudes).
+    """
+    if config.direction == "vera":
+        out = _vera_dict(config, model)
+    else:
+        out = copy.deepcopy(PEFT_LORA_FIELDS)
+        for name in SHARED_FIELDS:
+            out[name] = copy.deepcopy(getattr(config, name))
     if out["base_model_name_or_path"] is None and model is not None:
         out["base_model_name_or_path"] = base_model_name(model)
     if config.task_type is None and model is not None:
@@ -94,6 +128,46 @@ def to_peft_dict(config: DoraConfig, model: nn.Module | None = None) -> dict[str
         cls = type(model)
         out["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return out
+
+
+def _vera_dict(config: DoraConfig, model: nn.Module | None) -> dict[str, Any]:
+    out = copy.deepcopy(PEFT_VERA_FIELDS)
+    for name in VERA_SHARED_FIELDS:
+        out[name] = copy.deepcopy(getattr(config, name))
+    for ours, theirs in VERA_RENAMED.items():
+        out[theirs] = getattr(config, ours)
+    out["bias"] = VERA_BIAS[config.bias]
+    if config.exclude_modules is not None:
+        # PEFT's VeraConfig has no exclude_modules: name the adapted modules themselves instead.
+        from .inject import adapter_layers
+
+        layers = [path for path, _ in adapter_layers(model)] if model is not None else []
+        if not layers:
+            raise ValueError("A VeRA config with exclude_modules is written from its adapted model; pass the model.")
+        out["target_modules"] = sorted(layers)
+    if config.use_dora:
+        out["use_dora"] = True
+    return out
+
+
+def _vera_config(data: dict[str, Any], source: str) -> DoraConfig:
+    known = set(VERA_SHARED_FIELDS) | set(VERA_RENAMED.values()) | {"bias", "use_dora", "peft_type"}
+    unsupported = {name: value for name, value in data.items() if name not in known and name not in INIT_ONLY_FIELDS
+                   and value != PEFT_VERA_FIELDS.get(name) and value not in (None, False, {}, [])}
+    if unsupported:
+        shown = ", ".join(f"{k}={v!r}" for k, v in sorted(unsupported.items()))
+        raise ValueError(f"{source} uses VeRA feature(s) dorakit does not implement: {shown}.")
+    bias = {theirs: ours for ours, theirs in VERA_BIAS.items()}.get(data.get("bias", "none"))
+    if bias is None:
+        raise ValueError(f"{source} has bias={data.get('bias')!r}; VeRA's are {sorted(VERA_BIAS.values())}.")
+    kwargs = {name: data[name] for name in VERA_SHARED_FIELDS if data.get(name) is not None}
+    kwargs.update({ours: data[theirs] for ours, theirs in VERA_RENAMED.items() if data.get(theirs) is not None})
+    kwargs.update(direction="vera", bias=bias, use_dora=bool(data.get("use_dora", False)))
+    kwargs.setdefault("r", PEFT_VERA_FIELDS["r"])
+    try:
+        return DoraConfig(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: {err}") from None
 
 
 def from_peft_dict(data: Any, source: str = "adapter_config.json") -> DoraConfig:
@@ -108,9 +182,14 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> DoraConfig
     peft_type = data.get("peft_type")
     if peft_type is None:
         raise ValueError(f"{source} has no 'peft_type'. Is this a PEFT adapter directory?")
+    if peft_type == "VERA":
+        if data.get("target_modules") is None:
+            raise ValueError(f"{source} lacks the required field 'target_modules'.")
+        return _vera_config(data, source)
     if peft_type != "LORA":
         raise ValueError(
-            f"{source} has peft_type={peft_type!r}; dorakit reads LoRA and DoRA adapters (peft_type 'LORA')."
+            f"{source} has peft_type={peft_type!r}; dorakit reads LoRA/DoRA (peft_type 'LORA') and VeRA/DVoRA "
+            "(peft_type 'VERA') adapters."
         )
     missing = [name for name in ("r", "lora_alpha", "target_modules") if data.get(name) is None]
     if missing:

@@ -10,6 +10,16 @@ from .base import AdapterLayer, default_adapter_dtype
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_conv1d
+from .vera import VeraLinear, VeraProjection
+
+def check_vera_target(module: nn.Module, name: str) -> None:
+    """Raise ValueError unless ``module`` can take a VeRA adapter (Linear or Conv1D, as in PEFT)."""
+    if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        raise ValueError(
+            f"Target module '{name}' of type {type(module).__name__} cannot take a VeRA adapter: VeRA adapts "
+            "torch.nn.Linear and transformers' Conv1D. Exclude it (exclude_modules) or use direction='lora'."
+        )
+
 
 SUPPORTED_TYPES = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d"
 
@@ -18,9 +28,18 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_conv1d(module)
 
 
-def wrap_module(module: nn.Module, *, fan_in_fan_out: bool = False, name: str = "", **kwargs) -> AdapterLayer:
+def wrap_module(
+    module: nn.Module,
+    *,
+    fan_in_fan_out: bool = False,
+    name: str = "",
+    projection: VeraProjection | None = None,
+    d_initial: float = 0.1,
+    **kwargs,
+) -> AdapterLayer:
     """Wrap one supported module. kwargs: r, lora_alpha, lora_dropout, use_dora, use_rslora,
-    init_lora_weights, adapter_dtype (see ``AdapterLayer``).
+    init_lora_weights, adapter_dtype (see ``AdapterLayer``). With a shared VeRA ``projection`` the
+    direction update is VeRA's (Linear and Conv1D only, as in PEFT).
 
     The module's type decides the layout, whatever ``fan_in_fan_out`` says; a disagreeing flag is
     corrected with a warning, as PEFT does.
@@ -40,7 +59,11 @@ def wrap_module(module: nn.Module, *, fan_in_fan_out: bool = False, name: str = 
                 f"Using fan_in_fan_out={transposed} for it.",
                 stacklevel=3,
             )
+        if projection is not None:
+            return VeraLinear(module, fan_in_fan_out=transposed, projection=projection, d_initial=d_initial, **kwargs)
         return Linear(module, fan_in_fan_out=transposed, **kwargs)
+    if projection is not None:
+        check_vera_target(module, name)
     if isinstance(module, nn.Embedding):
         return Embedding(module, **kwargs)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -51,5 +74,5 @@ def wrap_module(module: nn.Module, *, fan_in_fan_out: bool = False, name: str = 
     )
 
 
-__all__ = ["AdapterLayer", "Conv", "Embedding", "Linear", "SUPPORTED_TYPES", "default_adapter_dtype",
-           "is_conv1d", "is_supported", "wrap_module"]
+__all__ = ["AdapterLayer", "Conv", "Embedding", "Linear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection",
+           "check_vera_target", "default_adapter_dtype", "is_conv1d", "is_supported", "wrap_module"]

@@ -264,7 +264,7 @@ def _checkpoint(out: Path, model, optimizer, scheduler, progress: Progress, cfg:
 
 
 def _method_name(cfg: TrainConfig) -> str:
-    return "full fine-tuning" if cfg.method == "full" else f"{cfg.method} r={cfg.r}"
+    return "full fine-tuning" if cfg.method == "full" else f"{cfg.method} r={cfg.rank}"
 
 
 def _progress_bar(cfg: TrainConfig, steps: int, done: int):

@@ -115,9 +115,11 @@ def adapter_config(cfg: TrainConfig, model: nn.Module, task: str, base: str) -> 
     heads = [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)] if task == "classification" else []
     save = list(dict.fromkeys((cfg.modules_to_save or []) + heads))  # a fresh head must train fully
     return DoraConfig(
-        r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
+        r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
         target_modules=cfg.target_modules if cfg.target_modules else ALL_LINEAR,
-        exclude_modules=heads or None, use_dora=cfg.method == "dora", use_rslora=cfg.use_rslora,
+        exclude_modules=heads or None, use_dora=cfg.method in ("dora", "dvora"), use_rslora=cfg.use_rslora,
+        # VeRA's shared projections are drawn from the run's seed, so seeds vary them as they vary LoRA's A.
+        direction="vera" if cfg.method in ("vera", "dvora") else "lora", projection_prng_key=cfg.seed,
         modules_to_save=save or None, task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
         base_model_name_or_path=base,
         fan_in_fan_out=any(is_conv1d(m) for m in model.modules()),  # GPT-2 style [in, out] weights

@@ -41,11 +41,14 @@ class TrainConfig:
     """Recompute activations in backward to save memory (slower steps)."""
 
     # --- adapter ---
-    method: Literal["dora", "lora", "full"] = "dora"
-    """dora (magnitude + direction), plain lora through the same code, or full fine-tuning (every
-    weight trains; the output is a whole model directory, the baseline of the paper's comparisons)."""
-    r: int = 8
-    """Adapter rank."""
+    method: Literal["dora", "lora", "vera", "dvora", "full"] = "dora"
+    """dora (magnitude + direction), plain lora through the same code, vera (frozen random projections
+    shared by all layers, trainable scaling vectors) or dvora (vera's direction with dora's magnitude,
+    paper section 5.5), or full fine-tuning (every weight trains; the output is a whole model directory,
+    the baseline of the paper's comparisons). vera/dvora train far fewer parameters and usually want
+    a larger --lr (VeRA's authors use about 10x LoRA's)."""
+    r: int | None = None
+    """Adapter rank. Unset: 8, or 256 for vera/dvora (a VeRA layer trains r + out values whatever r is)."""
     lora_alpha: float | None = None
     """Update scale numerator (s = lora_alpha / r). Unset: 2r, as in the DoRA paper."""
     lora_dropout: float = 0.05
@@ -122,7 +125,7 @@ class TrainConfig:
     """Which named configuration of --config to use, when the file holds several."""
 
     def __post_init__(self) -> None:
-        positive = {"r": self.r, "batch_size": self.batch_size, "max_length": self.max_length,
+        positive = {"r": self.rank, "batch_size": self.batch_size, "max_length": self.max_length,
                     "max_val_examples": self.max_val_examples}
         if self.micro_batch_size is not None:
             positive["micro_batch_size"] = self.micro_batch_size
@@ -164,8 +167,14 @@ class TrainConfig:
         return self.batch_size // self.micro_batch
 
     @property
+    def rank(self) -> int:
+        if self.r is not None:
+            return self.r
+        return 256 if self.method in ("vera", "dvora") else 8
+
+    @property
     def alpha(self) -> float:
-        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.r
+        return self.lora_alpha if self.lora_alpha is not None else 2.0 * self.rank
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -191,7 +200,7 @@ OTHER_TOOLS_NAMES = {
     "train_file": "data", "output_dir": "output", "cutoff_len": "max_length", "max_seq_length": "max_length",
     "per_device_train_batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
     "gradient_accumulation_steps": "batch_size (the global batch; accumulation = batch_size / micro_batch_size)",
-    "peft_use_dora": "method (dora or lora)", "use_dora": "method (dora or lora)", "lr_scheduler_type": "schedule",
+    "peft_use_dora": "method (dora or lora)", "use_dora": "method (dora, lora, vera or dvora)", "lr_scheduler_type": "schedule",
     "lora_target_modules": "target_modules", "val_set_size": "val_fraction", "warmup": "warmup_steps",
 }
 
