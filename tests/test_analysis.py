@@ -118,6 +118,7 @@ def test_analyze_command_writes_csv_json_and_plot(checkpoints, tmp_path):
 
 
 def test_compare_runs_every_method_and_seed(tmp_path):
+    from dorakit.compare import METHODS
     from .train_assets import colour_records, make_model_dir, write_jsonl
 
     make_model_dir(tmp_path / "model")
@@ -125,18 +126,42 @@ def test_compare_runs_every_method_and_seed(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dorakit", "compare", "--model", str(tmp_path / "model"),
                            "--data", str(tmp_path / "train.jsonl"), "--ranks", "4", "--seeds", "0", "1",
                            "--max-steps", "6", "--batch-size", "8", "--lr", "1e-2", "--full-lr", "1e-3",
+                           "--methods", *METHODS, "--vera-ranks", "16", "--vera-lr", "5e-2",
                            "--output", str(tmp_path / "cmp")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
-    assert sorted((r["method"], r["seed"]) for r in result["runs"]) == sorted(
-        (m, s) for m in ("full", "lora", "dora", "dora-half") for s in (0, 1))
+    assert sorted((r["method"], r["seed"]) for r in result["runs"]) == sorted((m, s) for m in METHODS for s in (0, 1))
     assert all("error" not in r and 0 <= r["accuracy"] <= 1 for r in result["runs"])
     rows = {r["method"]: r for r in result["table"]}
     assert rows["full"]["trainable_parameters"] > rows["dora"]["trainable_parameters"] > rows["dora-half"]["trainable_parameters"]
+    assert rows["lora"]["trainable_parameters"] > rows["dvora"]["trainable_parameters"] > rows["vera"]["trainable_parameters"]
+    assert rows["vera"]["rank"] == 16
+    vera_run = json.loads((tmp_path / "cmp" / "vera-r16-s0" / "summary.json").read_text())
+    assert vera_run["config"]["lr"] == 5e-2 and vera_run["config"]["method"] == "vera"
     assert all(r["seeds"] == 2 for r in rows.values())
-    for method in ("full", "lora", "dora", "dora-half"):
+    for method in METHODS:
         assert method in done.stdout
     assert (tmp_path / "cmp" / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dvora_adapters_are_analysed_like_their_merge(checkpoints, tmp_path):
+    from dorakit.analysis import decomposition_change
+
+    root, base = checkpoints
+    model = dorakit.inject_adapters(copy.deepcopy(base), dorakit.DoraConfig(r=4, target_modules=["q_proj"], direction="vera"))
+    with torch.no_grad():
+        for _, layer in dorakit.adapter_layers(model):
+            layer.vera_lambda_b.normal_(0, 0.05)
+            layer.lora_magnitude_vector.mul_(1.1)
+    dorakit.save_adapter(model, tmp_path / "dvora")
+    merged = dorakit.merge_and_unload(model)
+    rows = analyse(root / "base", [tmp_path / "dvora"], ["q_proj"])
+    assert {r.method for r in rows} == {"dvora"} and len(rows) == 2
+    for row in rows:
+        layer = row.layer
+        expected = decomposition_change(base.model.layers[layer].self_attn.q_proj.weight,
+                                        merged.model.layers[layer].self_attn.q_proj.weight)
+        assert row.delta_m == pytest.approx(expected[0], rel=1e-5) and row.delta_d == pytest.approx(expected[1], rel=1e-5)
 
 
 def test_tensor_merge_matches_the_layers_and_prefixes_are_matched(checkpoints, tmp_path):

@@ -81,6 +81,23 @@ def test_accumulation_and_checkpointing_give_the_same_steps(tiny_run):
     assert whole[1:] != lora[1:]
 
 
+def test_vera_and_dvora_train_and_reload(tiny_run):
+    import dorakit
+    from dorakit.train.inference import load_with_adapter
+
+    whole = _losses(tiny_run, "whole-again")
+    for method in ("vera", "dvora"):
+        losses = _losses(tiny_run, method, method=method)
+        assert losses[0] == pytest.approx(whole[0], rel=1e-6)  # lambda_b = 0: the base model at step 0
+        assert losses[1:] != whole[1:]  # it trained (4 steps are too few to ask for a lower loss)
+        config = dorakit.read_adapter_config(tiny_run / method / "adapter")
+        assert config.method == method and config.r == 256 and config.save_projection
+        model = load_with_adapter(str(tiny_run / "model"), str(tiny_run / method / "adapter"))[0]
+        trainable = {n.rsplit(".", 1)[-1] for n, _ in model.named_parameters() if "vera" in n or "magnitude" in n}
+        assert all(bool(layer.vera_lambda_b.any()) for _, layer in dorakit.adapter_layers(model))
+        assert trainable == ({"vera_lambda_b", "vera_lambda_d"} | ({"lora_magnitude_vector"} if method == "dvora" else set()))
+
+
 def test_schedules():
     linear = [lr_factor(k, warmup=10, total=100, kind="linear") for k in range(1, 101)]
     assert linear[9] == 1.0 and linear[10] == 1.0 and 0 < linear[-1] < 0.02
