@@ -20,17 +20,22 @@ import time
 from pathlib import Path
 
 from .hf import DTypeName
+from .quantize import QuantizeName, QuantType
 from .train.inference import AccuracyMode
 from .train.options import TrainConfig
 
 USAGE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, ImportError)
 
 
-def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrite: bool = False) -> None:
+def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrite: bool = False,
+          quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True,
+          requantize: str | None = None) -> None:
     """Fold an adapter into its base model and write a plain transformers checkpoint.
 
     The output loads with transformers alone; it also holds the adapter and the row norms that let
-    dorakit.load_merged undo the merge exactly later.
+    dorakit.load_merged undo the merge exactly later. An adapter trained over a quantized base
+    (--quantize) is merged into the dequantized weights it was trained against, and the checkpoint
+    is full precision; the error of storing it back in the same format is measured and printed.
 
     Args:
         base: Base model: a transformers checkpoint directory.
@@ -38,24 +43,43 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
         out: Output directory for the merged checkpoint (written whole, then renamed into place).
         dtype: Dtype to load the base model in; "auto" keeps the checkpoint's.
         overwrite: Replace a non-empty output directory.
+        quantize: The quantization the adapter was trained over (as `dorakit train --quantize`).
+        quant_type: 4-bit data type used in training.
+        double_quant: Whether training used 4-bit double quantization.
+        requantize: With --quantize: also write the merged model re-quantized to this directory.
     """
     from .hf import load_pretrained, load_tokenizer
     from .inject import adapter_layers
     from .io import load_adapter
     from .merged import save_merged
+    from .quantize import Quantization, save_merged_dequantized
 
+    quantization = Quantization.parse(quantize, quant_type, double_quant)
+    if requantize is not None and quantization is None:
+        raise ValueError("--requantize re-quantizes the merge of an adapter trained over a quantized base; add --quantize.")
     start = time.perf_counter()
-    model = load_pretrained(base, dtype)
+    model = load_pretrained(base, dtype, quantization)
     load_adapter(model, adapter)
     layers = len(adapter_layers(model))
-    save_merged(model, out, tokenizer=load_tokenizer(base), overwrite=overwrite)
+    if quantization is None:
+        save_merged(model, out, tokenizer=load_tokenizer(base), overwrite=overwrite)
+    else:
+        report = save_merged_dequantized(model, out, tokenizer=load_tokenizer(base), overwrite=overwrite,
+                                         requantize=quantization, requantized_directory=requantize)
+        error = report["requantization"]
+        print(f"merged into the dequantized {quantize} weights, written in {report['dtype']}; storing the merge back in "
+              f"{error['format']} would change the merged weights by {100 * error['relative_error']:.2f}% (relative "
+              f"Frobenius error; worst layer {error['worst_layer']}: {100 * error['worst_relative_error']:.2f}%)")
+        if requantize is not None:
+            print(f"re-quantized copy: {requantize}")
     print(f"merged {layers} adapted layers of {base} with {adapter} into {out} in {time.perf_counter() - start:.1f} s")
 
 
 def evaluate(adapter: str | None = None, model: str | None = None, data: str | None = None,
              accuracy: AccuracyMode = "rank", max_examples: int | None = None, batch_size: int = 16,
              max_length: int = 512, prompt_template: str | None = None, field_map: dict[str, str] | None = None,
-             dtype: DTypeName = "auto", max_new_tokens: int = 8, out: str | None = None) -> None:
+             dtype: DTypeName = "auto", max_new_tokens: int = 8, out: str | None = None,
+             quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True) -> None:
     """Evaluate a model (with an adapter) on a data file: loss, perplexity and label accuracy.
 
     Args:
@@ -71,7 +95,11 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
         dtype: Dtype to load the base model in.
         max_new_tokens: Tokens to generate per answer (accuracy generate/both).
         out: Also write the metrics to this JSON file.
+        quantize: Load the base quantized, as the adapter was trained (`dorakit train --quantize`).
+        quant_type: 4-bit data type used in training.
+        double_quant: Whether training used 4-bit double quantization.
     """
+    from .quantize import Quantization
     from .train.inference import evaluate_file
 
     if data is None:
@@ -80,7 +108,8 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
         data, prompt_template = str(tweet_sentiment() / "test.jsonl"), prompt_template or PROMPT
     result = evaluate_file(_base_model(model, adapter), data, adapter, accuracy=accuracy, max_examples=max_examples,
                            batch_size=batch_size, max_length=max_length, prompt_template=prompt_template,
-                           field_map=field_map, dtype=dtype, max_new_tokens=max_new_tokens)
+                           field_map=field_map, dtype=dtype, max_new_tokens=max_new_tokens,
+                           quantization=Quantization.parse(quantize, quant_type, double_quant))
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:
@@ -90,7 +119,8 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
 
 
 def generate(prompt: str, adapter: str | None = None, model: str | None = None, max_new_tokens: int = 128,
-             temperature: float = 0.0, chat: str = "auto", seed: int = 0, dtype: DTypeName = "auto") -> None:
+             temperature: float = 0.0, chat: str = "auto", seed: int = 0, dtype: DTypeName = "auto",
+             quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True) -> None:
     """Generate a continuation of a prompt with a model and adapter.
 
     Args:
@@ -102,13 +132,18 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
         chat: auto uses the tokenizer's chat template when it has one; on requires it; off sends raw text.
         seed: Seed for sampling.
         dtype: Dtype to load the base model in.
+        quantize: Load the base quantized, as the adapter was trained (`dorakit train --quantize`).
+        quant_type: 4-bit data type used in training.
+        double_quant: Whether training used 4-bit double quantization.
     """
+    from .quantize import Quantization
     from .train.inference import generate as run_generate
 
     if chat not in ("auto", "on", "off"):
         raise ValueError(f"--chat must be auto, on or off, got {chat!r}.")
     print(run_generate(_base_model(model, adapter), prompt, adapter, max_new_tokens=max_new_tokens,
-                       temperature=temperature, chat=chat, seed=seed, dtype=dtype))
+                       temperature=temperature, chat=chat, seed=seed, dtype=dtype,
+                       quantization=Quantization.parse(quantize, quant_type, double_quant)))
 
 
 def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["q_proj", "v_proj"]) -> None:

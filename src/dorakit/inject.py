@@ -156,10 +156,10 @@ def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
 def _take_out(model: nn.Module, merge: bool) -> nn.Module:
     for path, layer in adapter_layers(model):
         if merge:
-            layer.merge()
+            _replace(model, path, layer.merged_base())
         else:
             layer.unmerge()
-        _replace(model, path, layer.base_layer)
+            _replace(model, path, layer.base_layer)
     for path, copy in _saved_copies(model):
         _replace(model, path, copy.modules_to_save if merge else copy.original_module)
     flags = getattr(model, _FLAGS_ATTR, None) or []

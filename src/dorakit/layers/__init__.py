@@ -10,6 +10,7 @@ from .base import AdapterLayer, default_adapter_dtype
 from .conv import Conv
 from .embedding import Embedding
 from .linear import Linear, is_conv1d
+from .quantized import QuantizedLinear, is_quantized_linear
 from .vera import VeraLinear, VeraProjection
 
 def check_vera_target(module: nn.Module, name: str) -> None:
@@ -21,7 +22,8 @@ def check_vera_target(module: nn.Module, name: str) -> None:
         )
 
 
-SUPPORTED_TYPES = "torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d"
+SUPPORTED_TYPES = ("torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d, "
+                   "bitsandbytes' Linear4bit/Linear8bitLt")
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -50,6 +52,10 @@ def wrap_module(
             f"Module{where} already has an adapter. Call dorakit.unload(model) or dorakit.merge_and_unload(model) "
             "before adding another."
         )
+    if is_quantized_linear(module):  # bitsandbytes' layers subclass nn.Linear: checked first
+        if projection is not None:
+            raise ValueError(f"Target module{where} is quantized; VeRA adapters over quantized bases are not supported.")
+        return QuantizedLinear(module, **kwargs)
     if is_conv1d(module) or isinstance(module, nn.Linear):
         transposed = is_conv1d(module)  # Conv1D stores [in, out]
         if fan_in_fan_out != transposed:
@@ -74,5 +80,5 @@ def wrap_module(
     )
 
 
-__all__ = ["AdapterLayer", "Conv", "Embedding", "Linear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection",
-           "check_vera_target", "default_adapter_dtype", "is_conv1d", "is_supported", "wrap_module"]
+__all__ = ["AdapterLayer", "Conv", "Embedding", "Linear", "QuantizedLinear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection",
+           "check_vera_target", "default_adapter_dtype", "is_conv1d", "is_quantized_linear", "is_supported", "wrap_module"]

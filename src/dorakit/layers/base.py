@@ -194,12 +194,23 @@ class AdapterLayer(nn.Module):
         self._cache[name] = (key, value)
         return value
 
+    def base_rows(self, weight: Tensor):
+        """What the norm reads the base weight through: its [out, in] row view (a quantized layer
+        hands a reader that dequantizes requested rows only)."""
+        return self.weight_rows(weight.detach())
+
+    def merged_base(self) -> nn.Module:
+        """The module that replaces this layer in ``merge_and_unload``: the base layer with the
+        adapter merged into its weight (a quantized layer returns a full-precision copy instead)."""
+        self.merge()
+        return self.base_layer
+
     def base_sq_norms(self) -> Tensor:
         """||W0_i||^2 in fp32, cached while the base weight is unchanged."""
         if self.merged:
             raise RuntimeError("The base weight holds the merged adapter; unmerge() first.")
         weight = self.base_weight()
-        return self._cached("base_sq", (weight,), lambda: F_dora.squared_row_norms(self.weight_rows(weight.detach())))
+        return self._cached("base_sq", (weight,), lambda: F_dora.squared_row_norms(self.base_rows(weight)))
 
     def row_norm(self) -> Tensor:
         """||W0 + s B A||_row, fp32 [out], detached (paper section 4.3); cached until A, B or the
@@ -208,7 +219,7 @@ class AdapterLayer(nn.Module):
 
         def compute() -> Tensor:
             return F_dora.dora_row_norm(
-                self.weight_rows(weight.detach()),
+                self.base_rows(weight),
                 self.lora_A_rows(),
                 self.lora_B_rows(),
                 self.scaling,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import DoraConfig
-from ..hf import require_transformers, torch_dtype
+from ..hf import default_device, place, quantized_loading, require_transformers, torch_dtype
 from ..inject import inject_adapters
 from ..layers import is_conv1d
 from ..targets import ALL_LINEAR  # every Linear/Conv1D of attention and MLP; never the output head
@@ -74,9 +74,9 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     """
     path = check_model_dir(model_dir)
     task = resolve_task(path, cfg.task)
-    model, tokenizer = load_model(path, task, cfg.dtype, labels)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
+    device = default_device()
+    model, tokenizer = load_model(path, task, cfg.dtype, labels, cfg.quantization)
+    place(model, device)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and keyword arguments; newer transformers renamed the method.
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -90,9 +90,10 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     return Loaded(model, tokenizer, task, device, pick_autocast(cfg.precision, device))
 
 
-def load_model(path: Path, task: str, dtype: str, labels: list[str] | None):
+def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quantization=None):
     """(model, tokenizer) of a checkpoint for ``task``; a classifier gets one output per label (a new
-    head when the checkpoint's does not fit) and a tokenizer without a pad token pads with EOS."""
+    head when the checkpoint's does not fit) and a tokenizer without a pad token pads with EOS.
+    With ``quantization`` the base's linear layers load in 4 or 8 bits (QLoRA/QDoRA)."""
     transformers = require_transformers()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
@@ -104,9 +105,11 @@ def load_model(path: Path, task: str, dtype: str, labels: list[str] | None):
             raise ValueError("A classification model needs text/label data (a 'label' field).")
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch_dtype(dtype), num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True)
+            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
+            **quantized_loading(quantization, dtype))
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype))
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+                                                                  **quantized_loading(quantization, dtype))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

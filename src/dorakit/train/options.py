@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..hf import DTypeName
+from ..quantize import Quantization, QuantizeName, QuantType
 
 Task = Literal["auto", "causal-lm", "classification"]
 Schedule = Literal["linear", "cosine", "constant"]
@@ -39,6 +40,13 @@ class TrainConfig:
     """Autocast for forward/backward: bf16 on hardware with fast bf16 (auto picks it on such GPUs), fp32 otherwise."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower steps)."""
+    quantize: QuantizeName = "none"
+    """Load the frozen base quantized with bitsandbytes (QLoRA / QDoRA): 4bit or 8bit (LLM.int8).
+    Adapters train in fp32 over it; evaluate and merge with the same --quantize."""
+    quant_type: QuantType = "nf4"
+    """4-bit data type: nf4 (QLoRA's) or fp4."""
+    double_quant: bool = True
+    """4-bit: also quantize the per-block scales (about 0.4 bits per weight less)."""
 
     # --- adapter ---
     method: Literal["dora", "lora", "vera", "dvora", "full"] = "dora"
@@ -155,6 +163,11 @@ class TrainConfig:
         for key, ok, need in checks:
             if not ok:
                 raise ValueError(f"--{_flag(key)} must be {need}, got {getattr(self, key)}.")
+        if self.quantize != "none" and self.method == "full":
+            raise ValueError("--quantize trains adapters over a frozen quantized base; --method full trains every "
+                             "weight and cannot. Use --method dora or lora with --quantize.")
+        if self.quantize != "none" and self.method in ("vera", "dvora"):
+            raise ValueError(f"--method {self.method} over a quantized base is not supported; use dora or lora with --quantize.")
         if self.prompt_template is not None and "{text}" not in self.prompt_template:
             raise ValueError("--prompt-template must contain {text}, where each example's text goes.")
 
@@ -165,6 +178,10 @@ class TrainConfig:
     @property
     def accumulation(self) -> int:
         return self.batch_size // self.micro_batch
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return Quantization.parse(self.quantize, self.quant_type, self.double_quant)
 
     @property
     def rank(self) -> int:
@@ -201,7 +218,9 @@ OTHER_TOOLS_NAMES = {
     "per_device_train_batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
     "gradient_accumulation_steps": "batch_size (the global batch; accumulation = batch_size / micro_batch_size)",
     "peft_use_dora": "method (dora or lora)", "use_dora": "method (dora, lora, vera or dvora)", "lr_scheduler_type": "schedule",
-    "lora_target_modules": "target_modules", "val_set_size": "val_fraction", "warmup": "warmup_steps",
+    "lora_target_modules": "target_modules", "quant_bits": "quantize (4bit or 8bit)",
+    "load_in_4bit": "quantize (4bit)", "load_in_8bit": "quantize (8bit)", "bnb_4bit_quant_type": "quant_type",
+    "bnb_4bit_use_double_quant": "double_quant", "val_set_size": "val_fraction", "warmup": "warmup_steps",
 }
 
 
