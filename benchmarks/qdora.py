@@ -1,0 +1,164 @@
+"""QDoRA: training-step time and peak memory over a 4-bit base (SmolLM2-135M-Instruct, NF4 with
+double quantization, loaded through transformers' BitsAndBytesConfig).
+
+    python -m benchmarks.qdora                      # step time interleaved in one process, then memory
+    python -m benchmarks.qdora --quant-type fp4 --batches 4x128
+
+Methods over the same quantized base: dorakit_qdora, dorakit_qlora, peft_qdora, peft_qlora (ratios
+to peft_qlora, the cost QLoRA users accept). PEFT's DoRA dequantizes each quantized weight whole on
+every forward; dorakit's reads it a few rows at a time once per step for the norm and reuses the
+quantized matmul's output. Step time: all four models in one process, interleaved rounds, medians.
+Memory: each method in its own process (peak RSS on CPU, max_memory_allocated on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+
+import torch
+
+from .common import TARGETS, environment, interleaved, rss_mb, summarise, write_result
+
+METHODS = ("dorakit_qdora", "dorakit_qlora", "peft_qdora", "peft_qlora")
+R, ALPHA = 8, 16
+
+
+def load_quantized(quant_type: str):
+    from dorakit.assets import smollm2_path
+    from dorakit.hf import load_pretrained
+    from dorakit.quantize import Quantization
+
+    # fp32 non-quantized parts and compute on CPU (bf16 is slower there); bf16 on GPUs.
+    dtype = "bfloat16" if torch.cuda.is_available() else "float32"
+    return load_pretrained(smollm2_path(), dtype, Quantization(4, quant_type, True))
+
+
+def adapt(model, method: str):
+    use_dora = method.endswith("qdora")
+    if method.startswith("dorakit"):
+        import dorakit
+
+        return dorakit.inject_adapters(model, dorakit.DoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                                 use_dora=use_dora))
+    import peft
+
+    return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_dora=use_dora))
+
+
+def step_fn(model, optimizer, ids):
+    def run():
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def device_ids(batch: int, seq: int) -> torch.Tensor:
+    ids = torch.randint(0, 49152, (batch, seq), generator=torch.Generator().manual_seed(1))
+    return ids.cuda() if torch.cuda.is_available() else ids
+
+
+def timing(args) -> list[dict]:
+    import peft
+
+    from dorakit.keys import from_peft_key
+
+    models = {m: adapt(load_quantized(args.quant_type), m) for m in METHODS}
+    with torch.no_grad():  # a non-identity adapter, the same in both DoRA models
+        for name, param in models["peft_qdora"].named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.01)
+    state = {from_peft_key(k): v for k, v in peft.get_peft_model_state_dict(models["peft_qdora"]).items()}
+    models["dorakit_qdora"].load_state_dict(state, strict=False)
+    optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                  for m, model in models.items()}
+    results = []
+    for batch, seq in args.batches:
+        ids = device_ids(batch, seq)
+        for model in models.values():
+            model.train()
+        with torch.no_grad():
+            first = {m: models[m](input_ids=ids, labels=ids).loss.item() for m in ("peft_qdora", "dorakit_qdora")}
+        times = interleaved({m: step_fn(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
+        summary = summarise(times, reference="peft_qlora")
+        results.append({"batch": batch, "seq_len": seq, "methods": summary, "first_loss": first,
+                        "loss_rel_diff": abs(first["dorakit_qdora"] - first["peft_qdora"]) / abs(first["peft_qdora"])})
+        print(f"step {batch}x{seq}: " + ", ".join(
+            f"{m} {s['median_ms']:.0f} ms ({s['ratio_to_peft_qlora']:.3f}x)" for m, s in summary.items()), flush=True)
+    return results
+
+
+def child(method: str, args) -> dict:
+    torch.set_num_threads(args.threads)
+    batch, seq = args.batches[0]
+    model = adapt(load_quantized(args.quant_type), method)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = device_ids(batch, seq)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
+    run = step_fn(model, optimizer, ids)
+    for _ in range(args.steps):
+        run()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
+
+
+def memory(args) -> list[dict]:
+    results = []
+    for batch, seq in args.batches:
+        per_method = {}
+        for method in METHODS:
+            cmd = [sys.executable, "-m", "benchmarks.qdora", "--quant-type", args.quant_type, "--batches",
+                   f"{batch}x{seq}", "--steps", str(args.steps), "--threads", str(args.threads), "--child", method]
+            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            per_method[method] = json.loads(done.stdout.strip().splitlines()[-1])
+        ref = per_method["peft_qlora"]
+        for values in per_method.values():
+            values["peak_ratio_to_peft_qlora"] = values["peak_mb"] / ref["peak_mb"]
+            values["increase_ratio_to_peft_qlora"] = values["increase_mb"] / ref["increase_mb"]
+        results.append({"batch": batch, "seq_len": seq, "methods": per_method})
+        print(f"memory {batch}x{seq}: " + ", ".join(
+            f"{m} peak {v['peak_mb']:.0f} MB ({v['peak_ratio_to_peft_qlora']:.3f}x), +{v['increase_mb']:.0f} MB "
+            f"({v['increase_ratio_to_peft_qlora']:.3f}x)" for m, v in per_method.items()), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    parser.add_argument("--batches", default="8x128,1x128", help="e.g. 4x256,1x128")
+    parser.add_argument("--rounds", type=int, default=7, help="timed steps per method (medians reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="steps per memory measurement")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.batches = [tuple(map(int, b.split("x"))) for b in args.batches.split(",")]
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return
+    torch.set_num_threads(args.threads)
+    import bitsandbytes
+
+    steps = timing(args)
+    peaks = memory(args)
+    env = environment(args.threads, torch.bfloat16 if torch.cuda.is_available() else torch.float32)
+    env["bitsandbytes"] = bitsandbytes.__version__
+    write_result("qdora_smollm2", {
+        "benchmark": "qdora", "model": "smollm2", "quantization": f"4bit {args.quant_type} double-quant", "r": R,
+        "lora_alpha": ALPHA, "targets": "q,k,v,o,gate,up,down", "environment": env, "rounds": args.rounds,
+        "warmup": args.warmup, "memory_steps": args.steps,
+        "memory_measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)",
+        "step": steps, "memory": peaks,
+    })
+
+
+if __name__ == "__main__":
+    main()
