@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 
 import torch
 
-from .common import TARGETS, environment, interleaved, rss_mb, summarise, write_result
+from .common import TARGETS, PeakRSS, environment, interleaved, summarise, write_result
 
 METHODS = ("dorakit_qdora", "dorakit_qlora", "peft_qdora", "peft_qlora")
 R, ALPHA = 8, 16
@@ -102,11 +101,19 @@ def child(method: str, args) -> dict:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
     run = step_fn(model, optimizer, ids)
-    for _ in range(args.steps):
-        run()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if cuda:
+        before = torch.cuda.memory_allocated() / 2**20
+        for _ in range(args.steps):
+            run()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        # Sampled RSS during the steps only: the process's lifetime peak (ru_maxrss) is set by
+        # loading and quantizing the checkpoint, the same for every method.
+        with PeakRSS() as probe:
+            for _ in range(args.steps):
+                run()
+        before, peak = probe.start_mb, probe.peak_mb
     return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
 
 
@@ -155,7 +162,7 @@ def main() -> None:
         "benchmark": "qdora", "model": "smollm2", "quantization": f"4bit {args.quant_type} double-quant", "r": R,
         "lora_alpha": ALPHA, "targets": "q,k,v,o,gate,up,down", "environment": env, "rounds": args.rounds,
         "warmup": args.warmup, "memory_steps": args.steps,
-        "memory_measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)",
+        "memory_measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "RSS sampled every ms during the steps",
         "step": steps, "memory": peaks,
     })
 

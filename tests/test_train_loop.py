@@ -136,6 +136,13 @@ def test_config_file_shapes(tmp_path):
         read_config_file(tmp_path / "bad.yaml", None)
     with pytest.raises(FileNotFoundError):
         read_config_file(tmp_path / "missing.yaml", None)
+    (tmp_path / "finlora.yaml").write_text("quant_bits: 4\nquant_type: fp4\n", encoding="utf-8")
+    options = read_config_file(tmp_path / "finlora.yaml", None)
+    assert options == {"quantize": "4bit", "quant_type": "fp4"}
+    assert TrainConfig(**options).quantization.bits == 4
+    (tmp_path / "bits.yaml").write_text("quant_bits: 2\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="quant_bits .* must be 4 or 8"):
+        read_config_file(tmp_path / "bits.yaml", None)
 
 
 def test_resume_may_change_only_what_does_not_change_the_numbers():

@@ -218,8 +218,7 @@ OTHER_TOOLS_NAMES = {
     "per_device_train_batch_size": "micro_batch_size", "micro_batch": "micro_batch_size",
     "gradient_accumulation_steps": "batch_size (the global batch; accumulation = batch_size / micro_batch_size)",
     "peft_use_dora": "method (dora or lora)", "use_dora": "method (dora, lora, vera or dvora)", "lr_scheduler_type": "schedule",
-    "lora_target_modules": "target_modules", "quant_bits": "quantize (4bit or 8bit)",
-    "load_in_4bit": "quantize (4bit)", "load_in_8bit": "quantize (8bit)", "bnb_4bit_quant_type": "quant_type",
+    "lora_target_modules": "target_modules", "load_in_4bit": "quantize (4bit)", "load_in_8bit": "quantize (8bit)", "bnb_4bit_quant_type": "quant_type",
     "bnb_4bit_use_double_quant": "double_quant", "val_set_size": "val_fraction", "warmup": "warmup_steps",
 }
 
@@ -238,6 +237,10 @@ def check_keys(options: dict[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in options.items():
         norm = str(key).replace("-", "_")
+        if norm == "quant_bits":  # FinLoRA's name; its values 4 and 8 mean exactly --quantize 4bit / 8bit
+            if value not in (4, 8):
+                raise ValueError(f"quant_bits in {where} must be 4 or 8 (or use quantize: none), got {value!r}.")
+            norm, value = "quantize", f"{value}bit"
         if norm not in names:
             raise ValueError(f"Unknown option {key!r} in {where}.{closest(norm, names)} "
                              "Run `dorakit train --help` for the list.")
