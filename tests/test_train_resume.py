@@ -145,6 +145,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
 
     import dorakit
     from dorakit.train.checkpoint import Progress, read_state
+    from dorakit.train.distributed import Dist
     from dorakit.train.loop import TrainingError, _checkpoint
     from dorakit.train.options import TrainConfig
     from dorakit.train.schedule import make_scheduler
@@ -155,14 +156,15 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path,
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(optimizer, warmup=0, total=10, kind="linear")
     cfg = TrainConfig(output=str(tmp_path), data="x")
-    _checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=1), cfg, None)
+    alone = Dist()
+    _checkpoint(tmp_path, model, model, optimizer, scheduler, Progress(step=1), cfg, None, alone)
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(TrainingError, match="step 2 failed \\(No space left on device\\); the checkpoint of step 1"):
-        _checkpoint(tmp_path, model, optimizer, scheduler, Progress(step=2), cfg, 1)
+        _checkpoint(tmp_path, model, model, optimizer, scheduler, Progress(step=2), cfg, 1, alone)
     assert read_state(tmp_path / "checkpoint")["progress"]["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]  # no temporary leftovers
 

@@ -105,6 +105,30 @@ def write_csv(path: str | os.PathLike, rows: list[dict], columns: list[str]) -> 
     write_text(path, buffer.getvalue())
 
 
+def temporary_directory(parent: Path, name: str) -> Path:
+    """An empty directory beside ``parent / name``, to be renamed over it by ``replace_directory``."""
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent))
+    _public(tmp, directory=True)
+    return tmp
+
+
+def discard(tmp: Path) -> None:
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_directory(tmp: Path, target: Path) -> None:
+    """Rename the finished ``tmp`` over ``target`` (the old one is moved aside first, then removed)."""
+    old = None
+    if target.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+        os.replace(target, old / "previous")
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str) -> Iterator[Path]:
     """Yield an empty temporary directory beside ``target``; on success it replaces ``target``.
@@ -115,19 +139,10 @@ def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str) -> I
     target = Path(target)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} already exists and is not empty; pass overwrite=True to replace the {what}.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    _public(tmp, directory=True)
+    tmp = temporary_directory(target.parent, target.name)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / "previous")
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    replace_directory(tmp, target)

@@ -265,7 +265,9 @@ def train_config(argv: list[str]) -> TrainConfig:
         defaults = {**DEMO_OPTIONS, **defaults}
     if known.resume:
         output = known.output or defaults.get("output") or TrainConfig.output
-        defaults = {**defaults, **resumable_state(Path(output))["config"]}
+        saved = resumable_state(Path(output))["config"]
+        saved.pop("strategy", None)  # how this launch runs (torchrun or not) is for this command line to say
+        defaults = {**defaults, **saved}
     base = TrainConfig(**defaults)
     return tyro.cli(TrainConfig, args=argv, default=base, prog="dorakit train")
 

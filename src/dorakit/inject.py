@@ -25,7 +25,9 @@ from .targets import find_modules_to_save, find_targets
 
 # Attributes set on the root module by inject_adapters.
 CONFIG_ATTR = "dorakit_config"
-_FLAGS_ATTR = "_dorakit_requires_grad"  # [(parameter, requires_grad before injection)]
+# {parameter name: requires_grad before injection}. Names, not the tensors: holding the original
+# parameters would keep every full-size weight alive after FSDP shards the model (issue 7).
+_FLAGS_ATTR = "_dorakit_requires_grad"
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -96,7 +98,7 @@ def inject_adapters(
     _warn_unused_patterns(config, targets)
 
     # From here on nothing can fail: change the model.
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for path, new in {**wrappers, **copies}.items():
         _replace(model, path, new)
     _freeze_all_but_adapters(model, config.bias)
@@ -162,9 +164,11 @@ def _take_out(model: nn.Module, merge: bool) -> nn.Module:
             _replace(model, path, layer.base_layer)
     for path, copy in _saved_copies(model):
         _replace(model, path, copy.modules_to_save if merge else copy.original_module)
-    flags = getattr(model, _FLAGS_ATTR, None) or []
-    for param, flag in flags:
-        param.requires_grad_(flag)
+    flags = getattr(model, _FLAGS_ATTR, None) or {}
+    params = dict(model.named_parameters())  # the original names again, now the wrappers are gone
+    for name, flag in flags.items():
+        if name in params:
+            params[name].requires_grad_(flag)
     for attr in (_FLAGS_ATTR, CONFIG_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)

@@ -29,13 +29,17 @@ PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 SHOWN = 5  # offending keys listed per kind of problem
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike, *, overwrite: bool = False, tensors: dict[str, Tensor] | None = None
+) -> Path:
     """Write the model's adapter to ``directory`` in PEFT's format.
 
     Args:
         model: a model adapted by ``inject_adapters`` or ``load_adapter``.
         directory: created if needed; other files in it are kept.
         overwrite: replace an adapter already in ``directory`` (refused otherwise).
+        tensors: the adapter's tensors keyed as in ``model.state_dict()``, when the model's own are
+            not whole (an FSDP-sharded model: gather them first); default: read from ``model``.
     Returns:
         The directory.
     Raises:
@@ -55,7 +59,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, overwrite: b
     directory = Path(directory)
     if not overwrite and any((directory / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
         raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it.")
-    tensors = {to_peft_key(k): v.detach().contiguous().clone() for k, v in adapter_state_dict(model).items()}
+    state = adapter_state_dict(model) if tensors is None else tensors
+    tensors = {to_peft_key(k): v.detach().contiguous().clone() for k, v in state.items()}
     projection = model_projection(model)
     if projection is not None and config.save_projection:
         tensors.update({key: getattr(projection, name).detach().contiguous().clone() for name, key in PROJECTION_KEYS.items()})

@@ -126,6 +126,8 @@ def to_peft_dict(config: DoraConfig, model: nn.Module | None = None) -> dict[str
     if config.task_type is None and model is not None:
         # PEFT records the model class so that its AutoPeftModel can rebuild a custom base model.
         cls = type(model)
+        if cls.__module__.startswith("torch.distributed.fsdp"):
+            cls = cls.__mro__[1]  # FSDP2 swaps in a subclass named FSDP<Model>: record the model's own class
         out["auto_mapping"] = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
     return out
 

@@ -45,6 +45,9 @@ class AdapterLayer(nn.Module):
 
     # Subclasses that take integer inputs (embeddings) do not apply dropout, as in PEFT.
     supports_dropout = True
+    # Memoise the norm between optimizer steps (see `_cached`). Off under FSDP2, whose unsharded
+    # parameters are fresh tensors each forward with version 0: a reused address could look unchanged.
+    cache_norms = True
 
     def __init__(
         self,
@@ -182,6 +185,8 @@ class AdapterLayer(nn.Module):
         """
         if torch.compiler.is_compiling():
             return compute()  # inside a compiled graph: traced and fused, no Python-side cache
+        if not self.cache_norms and name != "base_sq":  # the frozen base's norms cannot go stale
+            return compute()
         key = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in inputs) + extra
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:

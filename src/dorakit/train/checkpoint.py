@@ -122,3 +122,79 @@ def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return Progress(**state["progress"])
+
+
+# ---- multi-process runs (--strategy ddp|fsdp): torch.distributed.checkpoint ---------------------------
+#
+#   checkpoint/
+#     dcp/          the trainable tensors and AdamW state, each process writing its shards (frozen base
+#                   weights are not saved); loads into any number of processes, or one without torchrun
+#     adapter/      the adapter gathered whole, in PEFT's format (written by rank 0)
+#     state.json    as above, plus the process count and every process's torch RNG state
+
+DCP_NAME = "dcp"
+
+
+def _dcp_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(ignore_frozen_params=True)
+    model_state, optim_state = get_state_dict(wrapped, optimizer, options=options)
+    return {"model": model_state, "optim": optim_state}, options
+
+
+def is_distributed_checkpoint(directory: Path) -> bool:
+    return (directory / DCP_NAME).is_dir()
+
+
+def save_distributed_checkpoint(directory: Path, wrapped: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
+                                scheduler, progress: Progress, config: dict, run, adapter: dict[str, Tensor]) -> None:
+    """Collective: every process writes its shards; rank 0 writes the rest and renames the directory
+    into place only after every process has finished (a crash leaves the previous checkpoint)."""
+    import torch.distributed.checkpoint as dcp
+
+    rng_states = run.gather(torch.get_rng_state().tolist())
+    state = {
+        "format": FORMAT, "progress": progress.__dict__, "scheduler": _json_safe(scheduler.state_dict()),
+        "python_rng": _json_safe(random.getstate()), "config": config, "processes": run.world, "torch_rng": rng_states,
+    }
+    parent = directory.parent
+    tmp = run.broadcast(str(atomic.temporary_directory(parent, directory.name)) if run.main else None)
+    try:
+        dcp_state, _ = _dcp_state(wrapped, optimizer)
+        dcp.save(dcp_state, checkpoint_id=str(Path(tmp) / DCP_NAME))
+        if run.main:
+            save_adapter(model, Path(tmp) / "adapter", tensors=adapter)
+            (Path(tmp) / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
+        run.barrier()
+    except BaseException:
+        if run.main:
+            atomic.discard(Path(tmp))
+        raise
+    if run.main:
+        atomic.replace_directory(Path(tmp), directory)
+    run.barrier()
+
+
+def restore_distributed_checkpoint(directory: Path, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
+                                   scheduler, run) -> Progress:
+    """Load a ``dcp/`` checkpoint into this run, whatever its process count (resharding as needed)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    state = read_state(directory)
+    dcp_state, _ = _dcp_state(wrapped, optimizer)
+    expected = set(dcp_state["model"])
+    dcp.load(dcp_state, checkpoint_id=str(directory / DCP_NAME))
+    # strict=False: the frozen base is not in the checkpoint; the trainable keys were checked above by
+    # dcp.load, which fails on any key of ``expected`` the checkpoint lacks.
+    set_state_dict(wrapped, optimizer, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    if not expected:
+        raise ValueError(f"{directory} holds no trainable tensors for this model.")
+    scheduler.load_state_dict(state["scheduler"])
+    if state.get("processes") == run.world:  # per-process RNG (dropout) continues exactly
+        torch.set_rng_state(torch.tensor(state["torch_rng"][run.rank], dtype=torch.uint8))
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**state["progress"])

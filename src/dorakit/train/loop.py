@@ -22,11 +22,15 @@ import torch
 from .. import atomic
 from ..inject import trainable_parameters
 from ..io import save_adapter
+from ..keys import is_adapter_key
 from .batches import collate, encode_all, split, stream_indices
-from .checkpoint import Progress, has_adapter, read_state, restore_checkpoint, save_checkpoint
+from .checkpoint import (Progress, has_adapter, is_distributed_checkpoint, read_state, restore_checkpoint,
+                         restore_distributed_checkpoint, save_checkpoint, save_distributed_checkpoint)
+from .distributed import (Dist, FullParameters, TrainStep, full_trainable_state, init_distributed, set_gradient_sync,
+                          wrap)
 from .data import Dataset, load_dataset
 from .evaluate import EvalSetup, evaluate_loss, rank_accuracy
-from .loss import autocast, loss_sum, selective_head
+from .loss import autocast, selective_head
 from .model import load_for_training
 from .options import TrainConfig, math_differences
 from .report import MetricsLog, plot_losses, truncate_metrics, write_summary
@@ -80,8 +84,9 @@ def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def prepare_output(cfg: TrainConfig) -> dict | None:
-    """Check --output against --resume/--overwrite; returns the saved state when resuming."""
+def prepare_output(cfg: TrainConfig, clear: bool = True) -> dict | None:
+    """Check --output against --resume/--overwrite; returns the saved state when resuming. Only
+    ``clear`` (one process of a multi-process run) removes an overwritten run's files."""
     out = Path(cfg.output)
     if cfg.resume:
         state = resumable_state(out)
@@ -94,10 +99,11 @@ def prepare_output(cfg: TrainConfig) -> dict | None:
     if existing and not cfg.overwrite:
         raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}). Continue it with --resume, "
                               "replace it with --overwrite, or choose another --output.")
-    for name in existing:
-        path = out / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    out.mkdir(parents=True, exist_ok=True)
+    if clear:
+        for name in existing:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        out.mkdir(parents=True, exist_ok=True)
     return None
 
 
@@ -115,17 +121,30 @@ def resumable_state(out: Path) -> dict:
 def run(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns the run summary (also written to OUTPUT/summary.json).
 
+    Under torchrun with ``--strategy ddp|fsdp`` every process calls this; rank 0 writes the files.
+
     Raises:
         FileNotFoundError / FileExistsError / ValueError: bad input, before any training step.
         TrainingError: a non-finite loss or a failed checkpoint write (the last good checkpoint is kept).
     """
+    processes = init_distributed(cfg.strategy)
+    try:
+        return _run(cfg, processes)
+    finally:
+        processes.close()
+
+
+def _run(cfg: TrainConfig, processes: Dist) -> dict:
+    main = processes.main
     cfg = resolve_inputs(cfg)
-    saved = prepare_output(cfg)
+    saved = prepare_output(cfg, clear=main)
+    processes.barrier()  # rank 0 has cleared an overwritten run before anyone writes
     # Read and check all data before the (slow) model load: a bad line fails in seconds.
     data = RunData(load_dataset(cfg.data, cfg.field_map, cfg.prompt_template),
                    load_dataset(cfg.val_data, cfg.field_map, cfg.prompt_template) if cfg.val_data else None)
+    share, micro = _per_process_batch(cfg, processes.world)
     labels = sorted(set(data.train.labels) | set(data.val.labels if data.val else []))
-    loaded = load_for_training(cfg, cfg.model, labels)
+    loaded = load_for_training(cfg, cfg.model, labels, processes.device)
     label_ids = {name: i for i, name in enumerate(labels)} if loaded.task == "classification" else None
     train_ex, val_ex = (data.train.examples, data.val.examples) if data.val else split(
         data.train.examples, cfg.val_fraction, cfg.seed, cfg.max_val_examples)
@@ -136,36 +155,48 @@ def run(cfg: TrainConfig) -> dict:
     steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_items) / cfg.batch_size)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * steps)
     model = loaded.model
-    params = [p for p in model.parameters() if p.requires_grad]
+    trainable, total = trainable_parameters(model)  # before FSDP turns the parameters into shards
+    selective = loaded.task != "classification" and selective_head(model)
+    wrapped = wrap(TrainStep(model, loaded.task, selective), processes, loaded.autocast)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = make_scheduler(optimizer, warmup=warmup, total=steps, kind=cfg.schedule)
     out = Path(cfg.output)
     progress = Progress()
     if saved is not None:
-        progress = restore_checkpoint(out / "checkpoint", model, optimizer, scheduler)
-        truncate_metrics(out, progress.step)
-    evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, cfg.micro_batch,
-                          cfg.max_length)
+        progress = _restore(out / "checkpoint", model, wrapped, optimizer, scheduler, processes)
+        if main:
+            truncate_metrics(out, progress.step)
+    evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, micro, cfg.max_length)
     label_eval = bool(labels) and cfg.eval_accuracy and bool(val_ex)
-    trainable, total = trainable_parameters(model)
-    print(f"dorakit train: {_method_name(cfg)} on {cfg.model} ({loaded.task}), {trainable:,} of {total:,} "
-          f"parameters trainable; {len(train_items)} training / {len(val_items)} validation examples; "
-          f"{steps} steps of {cfg.batch_size} ({cfg.accumulation} x {cfg.micro_batch}) on {loaded.device}"
-          + (f", resuming after step {progress.step}" if saved else ""), flush=True)
+    where = f"{processes.world} processes ({cfg.strategy}, {loaded.device.type})" if processes.active else str(loaded.device)
+    if main:
+        print(f"dorakit train: {_method_name(cfg)} on {cfg.model} ({loaded.task}), {trainable:,} of {total:,} "
+              f"parameters trainable; {len(train_items)} training / {len(val_items)} validation examples; "
+              f"{steps} steps of {cfg.batch_size} ({cfg.batch_size // micro} x {micro}) on {where}"
+              + (f", resuming after step {progress.step}" if saved else ""), flush=True)
 
     def evaluate() -> dict:
         if not val_items:
             return {}
-        result = evaluate_loss(evaluator, val_items)
-        record = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
-        if label_eval:
-            record["val_accuracy"] = rank_accuracy(evaluator, val_ex, labels)["accuracy"]
+        # Every process evaluates the whole (small) validation set: under FSDP all must run the same
+        # forward passes, and the numbers are then the same everywhere without a reduction.
+        with FullParameters(wrapped, processes):
+            result = evaluate_loss(evaluator, val_items)
+            record = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
+            if label_eval:
+                record["val_accuracy"] = rank_accuracy(evaluator, val_ex, labels)["accuracy"]
         return record
 
-    selective = loaded.task != "classification" and selective_head(model)
+    def save_result(directory: Path) -> None:
+        gathered = _gathered_adapter(wrapped, model, processes)
+        if main:
+            save_trained(model, loaded.tokenizer, directory, gathered)
+        processes.barrier()
+
     status, last_eval, last_record = "finished", {}, {}
-    log = MetricsLog(out)
-    bar = _progress_bar(cfg, steps, progress.step)
+    log = MetricsLog(out) if main else None
+    bar = _progress_bar(cfg, steps, progress.step, main)
     saved_step = progress.step if saved else None
     start = time.perf_counter() - progress.elapsed
     try:
@@ -176,24 +207,29 @@ def run(cfg: TrainConfig) -> dict:
                 order = stream_indices(len(train_items), cfg.seed, progress.position, cfg.batch_size)
                 items = [train_items[i] for i in order]
                 trained = sum(x.target_tokens for x in items)  # the whole global batch's, before any micro-batch
+                mine = items[processes.rank :: processes.world]  # this process's share of the global batch
                 lr = optimizer.param_groups[0]["lr"]
-                model.train()
+                wrapped.train()
                 loss_total, seen = 0.0, 0
-                for first in range(0, len(items), cfg.micro_batch):
-                    chunk = items[first : first + cfg.micro_batch]
+                for first in range(0, share, micro):
+                    chunk = mine[first : first + micro]
                     batch = collate(chunk, loaded.tokenizer.pad_token_id, loaded.device)
-                    with autocast(loaded.device, loaded.autocast):
-                        summed = loss_sum(model, batch, loaded.task, selective)
-                    (summed / trained).backward()
+                    with set_gradient_sync(wrapped, processes, sync=first + micro >= share):
+                        with autocast(loaded.device, loaded.autocast):
+                            summed = wrapped(**batch)
+                        # DDP and FSDP average gradients over processes: x world gives the global sum.
+                        (summed * (processes.world / trained)).backward()
                     loss_total += summed.item()
                     seen += int(batch["attention_mask"].sum())
+                loss_total, seen = processes.sum(loss_total), int(processes.sum(seen))
                 loss = loss_total / trained
                 if not math.isfinite(loss):
                     where = f"{out / 'checkpoint'} (step {saved_step})" if saved_step else "none was written yet"
                     raise TrainingError(f"The loss is {loss} at step {step}; training stopped before applying it. "
                                         f"Last good checkpoint: {where}. Lower --lr (now {cfg.lr}) or check the data.")
                 limit = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, limit))
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, limit)
+                grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -206,25 +242,31 @@ def run(cfg: TrainConfig) -> dict:
                 if step == steps or (cfg.eval_every and step % cfg.eval_every == 0):
                     last_eval = evaluate()
                     record.update(last_eval)
-                log.write(record)
+                if log is not None:
+                    log.write(record)
                 last_record = record
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{seen / dt:,.0f}", refresh=False)
+                stopping = processes.any(bool(stop.received))  # every process stops after the same step
                 periodic = bool(cfg.save_every) and step % cfg.save_every == 0
-                if stop.received or (periodic and step < steps):
-                    _checkpoint(out, model, optimizer, scheduler, progress, cfg, saved_step)
+                if stopping or (periodic and step < steps):
+                    _checkpoint(out, model, wrapped, optimizer, scheduler, progress, cfg, saved_step, processes)
                     saved_step = step
                 if cfg.keep_checkpoints and (periodic or step == steps):
-                    save_trained(model, loaded.tokenizer, out / "checkpoints" / f"step-{step}")
-                if stop.received:
-                    status = f"interrupted ({stop.received}) after step {step}"
+                    save_result(out / "checkpoints" / f"step-{step}")
+                if stopping:
+                    status = f"interrupted ({stop.received or 'SIGTERM'}) after step {step}"
                     break
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
     result = out / ("adapter" if has_adapter(model) else "model")
     if status == "finished":
-        save_trained(model, loaded.tokenizer, result)
+        save_result(result)
+    peaks = processes.gather(_peak_memory_mb(loaded.device))
+    if not main:
+        return {"status": status}
     plot = plot_losses(out, f"{_method_name(cfg)} on {Path(cfg.model).name}")
     summary = {
         "status": status, "config": cfg.to_dict(), "task": loaded.task, "steps": progress.step,
@@ -234,7 +276,8 @@ def run(cfg: TrainConfig) -> dict:
         "final": {"loss": last_record.get("loss"), **last_eval},
         "adapter" if has_adapter(model) else "model": str(result) if status == "finished" else None,
         "checkpoint": str(out / "checkpoint") if saved_step else None, "loss_plot": str(plot) if plot else None,
-        "peak_memory_mb": _peak_memory_mb(loaded.device),
+        "processes": processes.world, "strategy": cfg.strategy,
+        "peak_memory_mb": peaks[0], "peak_memory_mb_per_process": peaks,
     }
     write_summary(out, summary)
     if status != "finished":
@@ -243,20 +286,54 @@ def run(cfg: TrainConfig) -> dict:
     return summary
 
 
-def save_trained(model, tokenizer, directory: Path) -> None:
+def _per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
+    """(examples per process per step, examples per forward pass)."""
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world} processes; use a multiple of {world}.")
+    share = cfg.batch_size // world
+    micro = min(cfg.micro_batch, share)
+    if share % micro:
+        raise ValueError(f"Each of the {world} processes takes {share} examples per step, which is not a multiple of "
+                         f"--micro-batch-size {micro}; every process must run the same number of forward passes.")
+    return share, micro
+
+
+def _restore(directory: Path, model, wrapped, optimizer, scheduler, processes: Dist) -> Progress:
+    if is_distributed_checkpoint(directory):
+        return restore_distributed_checkpoint(directory, wrapped, optimizer, scheduler, processes)
+    if processes.active:
+        raise ValueError(f"{directory} was written by a single-process run; resume it the way it ran (without "
+                         "--strategy), or start the multi-process run afresh.")
+    return restore_checkpoint(directory, model, optimizer, scheduler)
+
+
+def _gathered_adapter(wrapped, model, processes: Dist) -> dict | None:
+    """The whole adapter tensors of a multi-process run (collective; rank 0 gets them), None for one process."""
+    if not processes.active or not has_adapter(model):
+        return None
+    return {k: v for k, v in full_trainable_state(wrapped, processes).items() if is_adapter_key(k)}
+
+
+def save_trained(model, tokenizer, directory: Path, tensors: dict | None = None) -> None:
     """The run's result: the adapter in PEFT's format, or (full fine-tuning) a whole transformers
-    checkpoint with the tokenizer, each written whole under a temporary name and renamed."""
+    checkpoint with the tokenizer, each written whole under a temporary name and renamed.
+    ``tensors``: the adapter gathered from a sharded model."""
     if has_adapter(model):
-        save_adapter(model, directory, overwrite=True)
+        save_adapter(model, directory, overwrite=True, tensors=tensors)
         return
     with atomic.new_directory(directory, overwrite=True, what="model") as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
 
-def _checkpoint(out: Path, model, optimizer, scheduler, progress: Progress, cfg: TrainConfig, saved_step) -> None:
+def _checkpoint(out: Path, model, wrapped, optimizer, scheduler, progress: Progress, cfg: TrainConfig, saved_step,
+                processes: Dist) -> None:
     try:
-        save_checkpoint(out / "checkpoint", model, optimizer, scheduler, progress, cfg.to_dict())
+        if processes.active:
+            save_distributed_checkpoint(out / "checkpoint", wrapped, model, optimizer, scheduler, progress,
+                                        cfg.to_dict(), processes, _gathered_adapter(wrapped, model, processes))
+        else:
+            save_checkpoint(out / "checkpoint", model, optimizer, scheduler, progress, cfg.to_dict())
     except OSError as err:
         kept = f"the checkpoint of step {saved_step} in {out / 'checkpoint'} is intact" if saved_step else "no earlier checkpoint exists"
         raise TrainingError(f"Writing the checkpoint of step {progress.step} failed ({err.strerror or err}); {kept}. "
@@ -267,10 +344,11 @@ def _method_name(cfg: TrainConfig) -> str:
     return "full fine-tuning" if cfg.method == "full" else f"{cfg.method} r={cfg.rank}"
 
 
-def _progress_bar(cfg: TrainConfig, steps: int, done: int):
+def _progress_bar(cfg: TrainConfig, steps: int, done: int, main: bool = True):
     from tqdm.auto import tqdm
 
-    return tqdm(total=steps, initial=done, disable=not cfg.progress, unit="step", dynamic_ncols=True, desc="train")
+    return tqdm(total=steps, initial=done, disable=not (cfg.progress and main), unit="step", dynamic_ncols=True,
+                desc="train")
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -65,7 +65,8 @@ def pick_autocast(precision: str, device: torch.device) -> torch.dtype | None:
     return None
 
 
-def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str] | None) -> Loaded:
+def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str] | None,
+                      device: torch.device | None = None) -> Loaded:
     """Model + tokenizer for the run's task, adapters injected and only they (and saved modules) trainable.
 
     Raises:
@@ -74,8 +75,8 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     """
     path = check_model_dir(model_dir)
     task = resolve_task(path, cfg.task)
-    device = default_device()
-    model, tokenizer = load_model(path, task, cfg.dtype, labels, cfg.quantization)
+    device = device or default_device()
+    model, tokenizer = load_model(path, task, cfg.dtype, labels, cfg.quantization, device)
     place(model, device)
     if cfg.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs and keyword arguments; newer transformers renamed the method.
@@ -90,7 +91,8 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     return Loaded(model, tokenizer, task, device, pick_autocast(cfg.precision, device))
 
 
-def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quantization=None):
+def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quantization=None,
+               device: torch.device | None = None):
     """(model, tokenizer) of a checkpoint for ``task``; a classifier gets one output per label (a new
     head when the checkpoint's does not fit) and a tokenizer without a pad token pads with EOS.
     With ``quantization`` the base's linear layers load in 4 or 8 bits (QLoRA/QDoRA)."""
@@ -106,10 +108,10 @@ def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quan
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch_dtype(dtype), num_labels=len(labels), id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
-            **quantized_loading(quantization, dtype))
+            **quantized_loading(quantization, dtype, device))
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
-                                                                  **quantized_loading(quantization, dtype))
+                                                                  **quantized_loading(quantization, dtype, device))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 

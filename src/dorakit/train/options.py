@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from ..hf import DTypeName
 from ..quantize import Quantization, QuantizeName, QuantType
+from .distributed import Strategy
 
 Task = Literal["auto", "causal-lm", "classification"]
 Schedule = Literal["linear", "cosine", "constant"]
@@ -40,6 +41,9 @@ class TrainConfig:
     """Autocast for forward/backward: bf16 on hardware with fast bf16 (auto picks it on such GPUs), fp32 otherwise."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower steps)."""
+    strategy: Strategy = "none"
+    """Several processes (launched by torchrun): ddp replicates the model, fsdp shards every weight
+    (FSDP2). --batch-size stays the global batch, so results do not depend on the process count."""
     quantize: QuantizeName = "none"
     """Load the frozen base quantized with bitsandbytes (QLoRA / QDoRA): 4bit or 8bit (LLM.int8).
     Adapters train in fp32 over it; evaluate and merge with the same --quantize."""
@@ -166,6 +170,9 @@ class TrainConfig:
         if self.quantize != "none" and self.method == "full":
             raise ValueError("--quantize trains adapters over a frozen quantized base; --method full trains every "
                              "weight and cannot. Use --method dora or lora with --quantize.")
+        if self.strategy == "fsdp" and (self.quantize != "none" or self.method == "full"):
+            what = "--quantize" if self.quantize != "none" else "--method full"
+            raise ValueError(f"--strategy fsdp with {what} is not supported yet; use --strategy ddp for it.")
         if self.quantize != "none" and self.method in ("vera", "dvora"):
             raise ValueError(f"--method {self.method} over a quantized base is not supported; use dora or lora with --quantize.")
         if self.prompt_template is not None and "{text}" not in self.prompt_template:
@@ -198,7 +205,8 @@ class TrainConfig:
 
 
 # Options that do not change the numbers a run computes: they may differ when a run is resumed.
-RESUMABLE_CHANGES = ("eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "progress", "config", "name", "output")
+RESUMABLE_CHANGES = ("eval_every", "save_every", "keep_checkpoints", "resume", "overwrite", "progress", "config", "name",
+                     "output", "strategy")
 
 
 def _flag(key: str) -> str:
