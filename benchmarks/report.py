@@ -110,12 +110,28 @@ def _qdora_table() -> list[str]:
                         f"per method, peak and increase over the size before the first step ({data['memory_measure']}). {env}.", ""]
 
 
+def _distributed_table() -> list[str]:
+    data = _load("distributed_fsdp")
+    if data is None:
+        return []
+    lines = [f"**Per-process memory under FSDP2** ({data['model']}, DoRA r={data['r']}, global batch {data['global_batch']}) "
+             "— `python -m benchmarks.distributed`", "",
+             "| processes | rank | frozen weights held | adapter held | resident after sharding | peak during steps |",
+             "|---|---|---|---|---|---|"]
+    for res in data["results"]:
+        for p in res["per_process"]:
+            lines.append(f"| {res['processes']} | {p['rank']} | {p['frozen_mb']:.0f} MiB | {p['trainable_mb']:.1f} MiB | "
+                         f"{p['rss_sharded_mb']:.0f} MiB | {p['peak_steps_mb']:.0f} MiB |")
+    e = data["environment"]
+    return lines + ["", f"gloo on {e['device']} ({e['device_name']}), 1 thread per process, torch {e['torch']}, {e['date']}.", ""]
+
+
 def render() -> str:
     lines = _timing_table("Training step (forward, backward, AdamW)", ["step_llama-random", "step_smollm2"],
                           "python -m benchmarks.step --model MODEL")
     lines += _timing_table("Unmerged inference (eval, no grad)", ["inference_llama-random", "inference_smollm2"],
                            "python -m benchmarks.inference --model MODEL")
-    lines += _memory_table() + _merge_table() + _inject_table() + _qdora_table()
+    lines += _memory_table() + _merge_table() + _inject_table() + _qdora_table() + _distributed_table()
     return "\n".join(lines).rstrip() + "\n"
 
 

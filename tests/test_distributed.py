@@ -117,3 +117,16 @@ def test_bad_distributed_setups_are_refused(setup):
     assert alone.returncode == 2 and "torchrun --nproc_per_node" in alone.stderr
     odd = run(2, *args, "--strategy", "ddp", "--batch-size", 7, "--output", root / "y")
     assert odd.returncode != 0 and "does not split over 2 processes" in odd.stderr
+
+
+@pytest.mark.parametrize("extra", [("--method", "full", "--lr", 1e-3), ("--quantize", "4bit")], ids=["full", "qdora"])
+def test_ddp_runs_full_fine_tuning_and_quantized_bases(setup, extra):
+    if "--quantize" in extra:
+        pytest.importorskip("bitsandbytes")
+    root, args, _ = setup
+    out = root / f"ddp-{extra[1]}"
+    short = [a if a != STEPS else 4 for a in args]
+    done = run(2, *short, "--strategy", "ddp", *extra, "--output", out)
+    assert done.returncode == 0, done.stderr
+    assert len(metrics(out)) == 4
+    assert (out / ("model" if "full" in extra else "adapter")).is_dir()
