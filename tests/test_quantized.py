@@ -261,3 +261,31 @@ def test_identity_at_init_on_quantized_smollm2(name):
         got = base(ids).logits
     assert len(dorakit.adapter_layers(base)) == 30 * 7
     assert rel_err(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["nf4-double", "fp4"])
+def test_fused_training_forward_equals_bitsandbytes_matmul_path(llama_dir, name, monkeypatch):
+    """In training the 4-bit DoRA layer computes the base output and W0 @ A^T from one pass over
+    the weight (one dequantization fewer per step); it must equal bitsandbytes' matmul path."""
+    import dorakit.functional as F_dora
+    from dorakit.layers.base import AdapterLayer
+
+    results = []
+    for fused in (True, False):
+        base = load(llama_dir, FORMATS[name])
+        torch.manual_seed(0)  # the same random (non-identity) adapter both times
+        model = dorakit.inject_adapters(base,
+                                        dorakit.DoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+        if not fused:
+            monkeypatch.setattr(QuantizedLinear, "forward", AdapterLayer.forward)
+        monkeypatch.setattr(F_dora, "CHUNK_ELEMENTS", 40 * 128)  # several row chunks per layer
+        model.train()
+        out = model(IDS).logits
+        out.square().mean().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((out.detach(), grads))
+        monkeypatch.undo()
+    (out_f, grads_f), (out_b, grads_b) = results
+    assert rel_err(out_f, out_b) < 1e-5
+    for key in grads_b:
+        assert rel_err(grads_f[key], grads_b[key]) < 1e-4, key

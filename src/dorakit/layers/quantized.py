@@ -23,6 +23,7 @@ import sys
 import torch
 from torch import Tensor, nn
 
+from .. import functional as F_dora
 from .linear import Linear
 
 INSTALL_HINT = "pip install 'dorakit[quant]' (bitsandbytes>=0.45)"
@@ -139,6 +140,50 @@ class QuantizedRows:
         return out
 
 
+class _QuantizedMatmul(torch.autograd.Function):
+    """x @ deq(W0)^T + b, and W0 @ A^T for the norm, from one pass over the 4-bit weight.
+
+    bitsandbytes' training matmul dequantizes the whole weight for the forward and again for the
+    backward; the DoRA norm would read it a third time. Here the forward dequantizes a bounded
+    chunk of rows at a time (``functional.row_chunks``) and uses each chunk twice: for the output
+    columns of those rows and for those rows of W0 @ A^T. The backward reads the weight once more
+    (grad_x = grad_y @ deq(W0)), as bitsandbytes' does. No full-precision copy of the layer exists.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bias: Tensor | None, lora_A: Tensor, rows: QuantizedRows):
+        from ..functional import row_chunks
+
+        out_features, in_features = rows.shape
+        y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
+        weight_a = torch.empty(out_features, lora_A.shape[0], dtype=torch.float32, device=x.device)
+        a = lora_A.detach().float()
+        for chunk in row_chunks(out_features, in_features):
+            w = rows[chunk]  # [rows, in]
+            y[..., chunk] = x @ w.to(x.dtype).T
+            weight_a[chunk] = w.float() @ a.T  # [rows, r]
+        if bias is not None:
+            y += bias.to(y.dtype)
+        ctx.rows = rows
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(weight_a)
+        return y, weight_a
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor, _grad_weight_a: Tensor):
+        from ..functional import row_chunks
+
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            rows = ctx.rows
+            grad_x = torch.zeros(*grad_y.shape[:-1], rows.shape[1], dtype=grad_y.dtype, device=grad_y.device)
+            for chunk in row_chunks(*rows.shape):
+                grad_x += grad_y[..., chunk] @ rows[chunk].to(grad_y.dtype)  # [..., in]
+        if ctx.has_bias and ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
+        return grad_x, grad_bias, None, None
+
+
 def compute_dtype(module: nn.Module) -> torch.dtype:
     """The float dtype a bitsandbytes layer computes in (4-bit: its compute dtype; 8-bit: fp32)."""
     dtype = getattr(module, "compute_dtype", None)
@@ -174,6 +219,27 @@ class QuantizedLinear(Linear):
 
     def base_rows(self, weight: Tensor) -> QuantizedRows:
         return QuantizedRows(self.base_layer)
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        rows = QuantizedRows(self.base_layer)
+        fused = (self.use_dora and rows.four_bit and torch.is_grad_enabled() and not (self.disabled or self.merged)
+                 and isinstance(self.lora_dropout, nn.Identity) and not args and not kwargs)
+        if not fused:
+            return super().forward(x, *args, **kwargs)
+        # Training step (no dropout): the base output and W0 @ A^T from one pass over the weight, the
+        # norm from them and the cached ||W0||^2, then DoRA's usual one-addcmul composition.
+        dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
+        base_out, weight_a = _QuantizedMatmul.apply(x.to(dtype), self.bias, self.lora_A.weight, rows)
+        base_out = base_out.to(x.dtype)
+        norm = F_dora.dora_row_norm(rows, self.lora_A_rows(), self.lora_B_rows(), self.scaling,
+                                    base_sq=self.base_sq_norms(), weight_a=weight_a)
+        magnitude = self.lora_magnitude_vector.reshape(-1)
+        scale = magnitude / norm.to(magnitude.dtype)  # [out]; gradients reach m, not the norm
+        weight_b = self.lora_B_weight()
+        hidden = self.lora_A_forward(self.cast_input(x))  # [..., r]
+        lora_out = self.lora_B_forward(hidden, F_dora.scaled_lora_B(weight_b, scale, self.scaling),
+                                       F_dora.bias_correction(self.bias, scale))
+        return F_dora.dora_compose(base_out, lora_out, scale).to(x.dtype)
 
     @property
     def out_features(self) -> int:
