@@ -255,7 +255,7 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
                 if cfg.keep_checkpoints and (periodic or step == steps):
                     save_result(out / "checkpoints" / f"step-{step}")
                 if stopping:
-                    status = f"interrupted ({stop.received or 'SIGTERM'}) after step {step}"
+                    status = f"interrupted ({stop.received or 'a signal to another process'}) after step {step}"
                     break
     finally:
         bar.close()
