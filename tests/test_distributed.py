@@ -88,24 +88,42 @@ def test_two_processes_train_the_one_process_run(setup, strategy):
     assert not list(out.glob(".*tmp"))
 
 
-def test_interrupted_fsdp_run_resumes_on_one_process(setup):
-    root, args, single = setup
-    cut = root / "cut"
+def interrupt(processes, *args):
+    """Start a run, SIGTERM it (torchrun passes the signal on) after its third step; the steps done."""
+    out = args[args.index("--output") + 1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_command(2, *args, "--strategy", "fsdp", "--output", cut),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(train_command(processes, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
     end = time.monotonic() + 300
-    while len(metrics(cut)) < 3 and proc.poll() is None and time.monotonic() < end:
+    while len(metrics(out)) < 3 and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)
-    stopped = len(metrics(cut))
+    stopped = len(metrics(out))
     assert 3 <= stopped < STEPS, stderr
+    return stopped
+
+
+def test_interrupted_fsdp_run_resumes_on_one_process(setup):
+    root, args, single = setup
+    cut = root / "cut"
+    stopped = interrupt(2, *args, "--strategy", "fsdp", "--output", cut)
     state = json.loads((cut / "checkpoint" / "state.json").read_text())
     assert state["processes"] == 2 and state["progress"]["step"] == stopped
     assert (cut / "checkpoint" / "dcp").is_dir() and (cut / "checkpoint" / "adapter" / "adapter_config.json").is_file()
     # Resharded from 2 processes into 1 (no torchrun at all), to the end of the run.
     done = run(None, *args, "--output", cut, "--resume")
+    assert done.returncode == 0, done.stderr
+    assert [m["step"] for m in metrics(cut)] == list(range(1, STEPS + 1))
+    assert close(losses(cut), losses(single))
+
+
+def test_interrupted_one_process_run_resumes_on_two_fsdp_processes(setup):
+    root, args, single = setup
+    cut = root / "cut-single"
+    interrupt(None, *args, "--output", cut)
+    assert not (cut / "checkpoint" / "dcp").exists()  # the one-process format: whole tensors
+    done = run(2, *args, "--strategy", "fsdp", "--output", cut, "--resume")
     assert done.returncode == 0, done.stderr
     assert [m["step"] for m in metrics(cut)] == list(range(1, STEPS + 1))
     assert close(losses(cut), losses(single))

@@ -198,3 +198,36 @@ def restore_distributed_checkpoint(directory: Path, wrapped: nn.Module, optimize
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
     return Progress(**state["progress"])
+
+
+def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model: nn.Module,
+                                      optimizer: torch.optim.Optimizer, scheduler) -> Progress:
+    """Load a one-process checkpoint (adapter/ + optimizer.safetensors) into a multi-process run:
+    the whole tensors, keyed by parameter name, are handed to ``set_state_dict``, which shards them
+    (FSDP) or copies them (DDP)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    from ..keys import from_peft_key
+    from ..modules_to_save import ModulesToSave
+
+    state = read_state(directory)
+    if not has_adapter(model):
+        raise ValueError(f"{directory} holds a one-process full fine-tuning checkpoint; resume it with one process.")
+    copy_paths = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
+    model_state = {f"model.{from_peft_key(k, copy_paths)}": v
+                   for k, v in read_adapter_tensors(directory / "adapter").items() if k.startswith("base_model.model.")}
+    # The one-process optimizer numbered the trainable parameters in model order: name them.
+    names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
+    slots: dict[str, dict[str, Tensor]] = {}
+    for key, value in load_file(str(directory / TENSORS_NAME)).items():
+        if key.startswith("state."):
+            _, index, slot = key.split(".", 2)
+            slots.setdefault(names[int(index)], {})[slot] = value
+    groups = [{**group, "params": names} for group in state["param_groups"]]
+    set_state_dict(wrapped, optimizer, model_state_dict=model_state, optim_state_dict={"state": slots, "param_groups": groups},
+                   options=StateDictOptions(full_state_dict=True, strict=False))
+    scheduler.load_state_dict(state["scheduler"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**state["progress"])

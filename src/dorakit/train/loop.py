@@ -25,7 +25,8 @@ from ..io import save_adapter
 from ..keys import is_adapter_key
 from .batches import collate, encode_all, split, stream_indices
 from .checkpoint import (Progress, has_adapter, is_distributed_checkpoint, read_state, restore_checkpoint,
-                         restore_distributed_checkpoint, save_checkpoint, save_distributed_checkpoint)
+                         restore_distributed_checkpoint, restore_single_process_checkpoint, save_checkpoint,
+                         save_distributed_checkpoint)
 from .distributed import (Dist, FullParameters, TrainStep, full_trainable_state, init_distributed, set_gradient_sync,
                           wrap)
 from .data import Dataset, load_dataset
@@ -301,9 +302,8 @@ def _per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:
 def _restore(directory: Path, model, wrapped, optimizer, scheduler, processes: Dist) -> Progress:
     if is_distributed_checkpoint(directory):
         return restore_distributed_checkpoint(directory, wrapped, optimizer, scheduler, processes)
-    if processes.active:
-        raise ValueError(f"{directory} was written by a single-process run; resume it the way it ran (without "
-                         "--strategy), or start the multi-process run afresh.")
+    if processes.active:  # a one-process checkpoint, continued on several processes
+        return restore_single_process_checkpoint(directory, wrapped, model, optimizer, scheduler)
     return restore_checkpoint(directory, model, optimizer, scheduler)
 
 
