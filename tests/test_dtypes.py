@@ -144,3 +144,22 @@ def test_norm_is_computed_once_per_step_and_cached_for_inference(monkeypatch):
         model.model.layers[0].self_attn.q_proj.scaling *= 2
         output_of(model, ids)
     assert len(calls) == 1  # only the changed layer
+
+
+def test_norm_ignores_autocast():
+    """Under bf16 autocast (mixed-precision training) the norm's matmuls stay fp32: the norm in the
+    forward is the one computed without autocast (at init, or when merging)."""
+    import dorakit
+
+    torch.manual_seed(0)
+    model = dorakit.inject_adapters(nn.Sequential(nn.Linear(64, 48)), dorakit.DoraConfig(r=4, target_modules=["0"]))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B.weight.normal_(0, 0.1)  # a trained adapter: the factored terms now matter
+    expected = F.dora_row_norm(layer.base_layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.scaling)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer._cache.clear()
+        norm = layer.row_norm()
+        product = layer.base_layer.weight @ layer.lora_A.weight.T  # what the norm's matmuls would be
+    assert product.dtype == torch.bfloat16  # autocast is really on for matmuls here
+    assert torch.equal(norm, expected)

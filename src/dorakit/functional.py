@@ -21,9 +21,9 @@ copied to fp32 as a whole.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
+import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -36,6 +36,19 @@ CHUNK_ELEMENTS = 2**23
 # divides by their zero norm and returns NaN. With the clamp, a zero row whose magnitude is zero
 # (its initial value) gives a scale of exactly 0, so its output stays the base model's 0.
 NORM_EPS = 1e-12
+
+
+def full_precision(fn):
+    """Run ``fn`` with autocast off on its weight's device: under bf16/fp16 autocast (mixed-precision
+    training) the norm's and the merge's matmuls would otherwise run in half precision, and the
+    norm in the forward would no longer equal the one the magnitude was initialised from."""
+
+    @functools.wraps(fn)
+    def wrapper(weight_rows, *args, **kwargs):
+        with torch.autocast(device_type=weight_rows.device.type, enabled=False):
+            return fn(weight_rows, *args, **kwargs)
+
+    return wrapper
 
 
 def row_chunks(n_rows: int, row_width: int, chunk_elements: int | None = None) -> list[slice]:
@@ -87,6 +100,7 @@ def _base_products(
 
 
 @torch.no_grad()
+@full_precision
 def squared_row_norms(weight_rows: Tensor, chunk_elements: int | None = None) -> Tensor:
     """||W0_i||^2 in fp32 ([out]), reading W0 in bounded chunks (the base products at rank 0)."""
     rank_zero = torch.zeros(0, weight_rows.shape[1], dtype=torch.float32, device=weight_rows.device)
@@ -94,6 +108,7 @@ def squared_row_norms(weight_rows: Tensor, chunk_elements: int | None = None) ->
 
 
 @torch.no_grad()
+@full_precision
 def row_terms(
     weight_rows: Tensor,
     lora_A: Tensor,
@@ -145,6 +160,7 @@ CANCELLATION = 1e-2
 
 
 @torch.no_grad()
+@full_precision
 def dora_row_norm(
     weight_rows: Tensor,
     lora_A: Tensor,
@@ -220,6 +236,7 @@ def bias_correction(bias: Tensor | None, scale: Tensor) -> Tensor | None:
 
 
 @torch.no_grad()
+@full_precision
 def merge_rows_(
     weight_rows: Tensor,
     lora_A: Tensor,
@@ -258,6 +275,7 @@ def merge_rows_(
 
 
 @torch.no_grad()
+@full_precision
 def unmerge_rows_(
     weight_rows: Tensor,
     lora_A: Tensor,

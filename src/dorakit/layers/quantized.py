@@ -161,7 +161,8 @@ class _QuantizedMatmul(torch.autograd.Function):
         for chunk in row_chunks(out_features, in_features):
             w = rows[chunk]  # [rows, in]
             y[..., chunk] = x @ w.to(x.dtype).T
-            weight_a[chunk] = w.float() @ a.T  # [rows, r]
+            with torch.autocast(device_type=x.device.type, enabled=False):  # the norm's term stays fp32
+                weight_a[chunk] = w.float() @ a.T  # [rows, r]
         if bias is not None:
             y += bias.to(y.dtype)
         ctx.rows = rows
