@@ -166,10 +166,11 @@ class AdapterSource:
         """The update's A [r, in] and B [out, r] for one module (VeRA's vectors folded into its shared pair)."""
         if not self.vera:
             return self.tensors[f"{prefix}.lora_A.weight"].float(), self.tensors[f"{prefix}.lora_B.weight"].float()
-        vera_a = self.tensors[PROJECTION_KEYS["vera_A"]].float()[:, :in_features]
-        vera_b = self.tensors[PROJECTION_KEYS["vera_B"]].float()[:out_features]
+        from .layers.vera import folded_A, folded_B
+
         lambda_d, lambda_b = self.tensors[f"{prefix}.vera_lambda_d"].float(), self.tensors[f"{prefix}.vera_lambda_b"].float()
-        return lambda_d[:, None] * vera_a, lambda_b[:, None] * vera_b
+        return (folded_A(self.tensors[PROJECTION_KEYS["vera_A"]], lambda_d, in_features),
+                folded_B(self.tensors[PROJECTION_KEYS["vera_B"]], lambda_b))
 
     @torch.no_grad()
     def rows(self, base_rows: Tensor, path: str) -> Tensor:

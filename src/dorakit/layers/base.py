@@ -233,10 +233,12 @@ class AdapterLayer(nn.Module):
 
         return self._cached("row_norm", (weight, *self.lora_params()), compute, extra=(self.scaling,))
 
-    def dora_scale(self) -> Tensor:
-        """g = m / ||W0 + s B A||_row as [out]; gradients reach m, not the norm."""
+    def dora_scale(self, norm: Tensor | None = None) -> Tensor:
+        """g = m / ||W0 + s B A||_row as [out] (the cached norm unless ``norm`` is given); gradients
+        reach m, not the norm."""
         magnitude = self.lora_magnitude_vector.reshape(-1)
-        return magnitude / self.row_norm().to(magnitude.dtype)
+        norm = self.row_norm() if norm is None else norm
+        return magnitude / norm.to(magnitude.dtype)
 
     def cast_input(self, x: Tensor) -> Tensor:
         if x.is_floating_point():
@@ -247,6 +249,12 @@ class AdapterLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged:
             return result
+        return self.adapted_output(x, result)
+
+    def adapted_output(self, x: Tensor, result: Tensor, scale: Tensor | None = None) -> Tensor:
+        """The layer's output from its input ``x`` and the base layer's output ``result``.
+        ``scale``: DoRA's g ([out]) when the caller already has the norm (a quantized layer computes
+        it in the same pass as ``result``); otherwise it comes from the cached norm."""
         x_adapter = self.lora_dropout(self.cast_input(x))
         hidden = self.lora_A_forward(x_adapter)  # [..., r]
         weight_b = self.lora_B_weight()
@@ -261,20 +269,20 @@ class AdapterLayer(nn.Module):
             out = F_dora.dora_compose(result, lora_out, self.channel_view(scale), base_dropped=base_dropped)
         else:
             # x' = x: the base output is reused, no second base matmul (DORA.md).
-            scale, scaled_b, correction = self._fused_terms(weight_b)
+            scale, scaled_b, correction = self._fused_terms(weight_b, scale)
             lora_out = self.lora_B_forward(hidden, scaled_b, correction)
             out = F_dora.dora_compose(result, lora_out, self.channel_view(scale))
         return out.to(result.dtype)
 
-    def _fused_terms(self, weight_b: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    def _fused_terms(self, weight_b: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
         """g, (g*s) B and b (1 - g); without autograd (inference) cached until anything they depend
-        on changes, so unmerged inference costs what LoRA's does."""
+        on changes, so unmerged inference costs what LoRA's does. A given ``scale`` is used as g."""
 
         def compute():
-            scale = self.dora_scale()
-            return scale, F_dora.scaled_lora_B(weight_b, scale, self.scaling), F_dora.bias_correction(self.bias, scale)
+            g = self.dora_scale() if scale is None else scale
+            return g, F_dora.scaled_lora_B(weight_b, g, self.scaling), F_dora.bias_correction(self.bias, g)
 
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() or scale is not None:
             return compute()
         inputs = (self.base_weight(), *self.lora_params(), self.lora_magnitude_vector)
         if self.bias is not None:

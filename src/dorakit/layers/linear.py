@@ -35,9 +35,8 @@ class Linear(AdapterLayer):
         return weight.T if self.fan_in_fan_out else weight  # [out, in]
 
     def create_adapter(self, r: int, *, device: torch.device, dtype: torch.dtype) -> None:
-        out_features, in_features = self.weight_rows(self.base_weight()).shape
-        self.lora_A = nn.Linear(in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
 
     def lora_A_rows(self) -> Tensor:
         return self.lora_A.weight

@@ -64,7 +64,7 @@ class QuantizedRows:
         self._f = bnb_f
         weight = layer.weight
         self.device = weight.device
-        self.four_bit = hasattr(weight, "quant_state") and weight.quant_state is not None
+        self.four_bit = getattr(weight, "quant_state", None) is not None
         if self.four_bit:
             state = weight.quant_state
             if getattr(state, "packing_format_for_cpu", False):
@@ -132,10 +132,8 @@ class QuantizedRows:
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """The whole dequantized weight [out, in] (for merged export), filled chunk by chunk."""
-        from ..functional import row_chunks
-
         out = torch.empty(self.shape, dtype=dtype or self.dtype, device=self.device)
-        for rows in row_chunks(*self.shape):
+        for rows in F_dora.row_chunks(*self.shape):
             out[rows] = self[rows]
         return out
 
@@ -152,13 +150,11 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, bias: Tensor | None, lora_A: Tensor, rows: QuantizedRows):
-        from ..functional import row_chunks
-
         out_features, in_features = rows.shape
         y = torch.empty(*x.shape[:-1], out_features, dtype=x.dtype, device=x.device)
         weight_a = torch.empty(out_features, lora_A.shape[0], dtype=torch.float32, device=x.device)
         a = lora_A.detach().float()
-        for chunk in row_chunks(out_features, in_features):
+        for chunk in F_dora.row_chunks(out_features, in_features):
             w = rows[chunk]  # [rows, in]
             y[..., chunk] = x @ w.to(x.dtype).T
             with torch.autocast(device_type=x.device.type, enabled=False):  # the norm's term stays fp32
@@ -172,13 +168,11 @@ class _QuantizedMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_weight_a: Tensor):
-        from ..functional import row_chunks
-
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
             rows = ctx.rows
             grad_x = torch.zeros(*grad_y.shape[:-1], rows.shape[1], dtype=grad_y.dtype, device=grad_y.device)
-            for chunk in row_chunks(*rows.shape):
+            for chunk in F_dora.row_chunks(*rows.shape):
                 grad_x += grad_y[..., chunk] @ rows[chunk].to(grad_y.dtype)  # [..., in]
         if ctx.has_bias and ctx.needs_input_grad[1]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(0)
@@ -221,26 +215,23 @@ class QuantizedLinear(Linear):
     def base_rows(self, weight: Tensor) -> QuantizedRows:
         return QuantizedRows(self.base_layer)
 
+    @property
+    def four_bit(self) -> bool:
+        return getattr(self.base_layer.weight, "quant_state", None) is not None
+
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
-        rows = QuantizedRows(self.base_layer)
-        fused = (self.use_dora and rows.four_bit and torch.is_grad_enabled() and not (self.disabled or self.merged)
+        fused = (self.use_dora and self.four_bit and torch.is_grad_enabled() and not (self.disabled or self.merged)
                  and isinstance(self.lora_dropout, nn.Identity) and not args and not kwargs)
         if not fused:
             return super().forward(x, *args, **kwargs)
         # Training step (no dropout): the base output and W0 @ A^T from one pass over the weight, the
-        # norm from them and the cached ||W0||^2, then DoRA's usual one-addcmul composition.
+        # norm from them and the cached ||W0||^2, then the usual composition.
+        rows = QuantizedRows(self.base_layer)
         dtype = getattr(self.base_layer, "compute_dtype", None) or x.dtype
-        base_out, weight_a = _QuantizedMatmul.apply(x.to(dtype), self.bias, self.lora_A.weight, rows)
-        base_out = base_out.to(x.dtype)
+        result, weight_a = _QuantizedMatmul.apply(x.to(dtype), self.bias, self.lora_A.weight, rows)
         norm = F_dora.dora_row_norm(rows, self.lora_A_rows(), self.lora_B_rows(), self.scaling,
                                     base_sq=self.base_sq_norms(), weight_a=weight_a)
-        magnitude = self.lora_magnitude_vector.reshape(-1)
-        scale = magnitude / norm.to(magnitude.dtype)  # [out]; gradients reach m, not the norm
-        weight_b = self.lora_B_weight()
-        hidden = self.lora_A_forward(self.cast_input(x))  # [..., r]
-        lora_out = self.lora_B_forward(hidden, F_dora.scaled_lora_B(weight_b, scale, self.scaling),
-                                       F_dora.bias_correction(self.bias, scale))
-        return F_dora.dora_compose(base_out, lora_out, scale).to(x.dtype)
+        return self.adapted_output(x, result.to(x.dtype), self.dora_scale(norm))
 
     @property
     def out_features(self) -> int:
@@ -249,10 +240,6 @@ class QuantizedLinear(Linear):
     @property
     def in_features(self) -> int:
         return self.base_layer.in_features
-
-    def create_adapter(self, r: int, *, device: torch.device, dtype: torch.dtype) -> None:
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
 
     def base_forward_without_bias(self, x: Tensor) -> Tensor:
         # The dropout path needs x' W0^T: bitsandbytes' matmul, minus the bias it adds (as PEFT does).
@@ -271,13 +258,11 @@ class QuantizedLinear(Linear):
     def merged_base(self, dtype: torch.dtype | None = None) -> nn.Module:
         """A full-precision ``nn.Linear`` computing what this layer computes: deq(W0) with the
         adapter folded in (merged in fp32, then ``dtype``, default the layer's compute dtype)."""
-        from .. import functional as F_dora
-
         plain = dequantize_module(self.base_layer, torch.float32)
         F_dora.merge_rows_(plain.weight.data, self.lora_A_rows(), self.lora_B_rows(), self.scaling,
                            self.lora_magnitude_vector)
         return plain.to(dtype or compute_dtype(self.base_layer))
 
     def extra_repr(self) -> str:
-        bits = "4-bit" if QuantizedRows(self.base_layer).four_bit else "8-bit"
+        bits = "4-bit" if self.four_bit else "8-bit"
         return f"{super().extra_repr()}, base={bits}"

@@ -29,6 +29,16 @@ def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> Tenso
     return torch.empty(shape).uniform_(-bound, bound, generator=generator)
 
 
+def folded_A(vera_A: Tensor, lambda_d: Tensor, in_features: int) -> Tensor:
+    """A' = diag(lambda_d) A[:, :in], [r, in]: VeRA's update in LoRA's picture (scale 1)."""
+    return lambda_d[:, None] * vera_A[:, :in_features].to(lambda_d.dtype)
+
+
+def folded_B(vera_B: Tensor, lambda_b: Tensor) -> Tensor:
+    """B' = diag(lambda_b) B[:out], [out, r]."""
+    return lambda_b[:, None] * vera_B[: lambda_b.shape[0]].to(lambda_b.dtype)
+
+
 class VeraProjection(nn.Module):
     """The frozen pair shared by all VeRA layers of a model: ``vera_A`` [r, in_max], ``vera_B`` [out_max, r].
 
@@ -84,7 +94,7 @@ class VeraLinear(Linear):
 
     def create_adapter(self, r: int, *, device: torch.device, dtype: torch.dtype) -> None:
         projection, _ = self._init_args
-        out_features, in_features = self.weight_rows(self.base_weight()).shape
+        out_features, in_features = self.out_features, self.in_features
         if projection.r != r or projection.vera_A.shape[1] < in_features or projection.vera_B.shape[0] < out_features:
             raise ValueError(
                 f"The shared VeRA projection ({projection.extra_repr()}) does not cover this layer "
@@ -106,13 +116,6 @@ class VeraLinear(Linear):
                 self.vera_lambda_b.zero_()
                 self.vera_lambda_d.fill_(d_initial)
 
-    def _shared(self) -> tuple[Tensor, Tensor]:
-        """The leading [r, in] of A and [out, r] of B (views), in the adapter's dtype."""
-        dtype = self.vera_lambda_d.dtype
-        vera_A = self.vera_projection.vera_A[:, : self.in_features]  # [r, in]
-        vera_B = self.vera_projection.vera_B[: self.out_features]  # [out, r]
-        return vera_A.to(dtype), vera_B.to(dtype)
-
     def lora_params(self) -> tuple[Tensor, ...]:
         return self.vera_lambda_d, self.vera_lambda_b, self.vera_projection.vera_A, self.vera_projection.vera_B
 
@@ -120,19 +123,17 @@ class VeraLinear(Linear):
         return self.vera_lambda_d.dtype
 
     def lora_A_rows(self) -> Tensor:
-        vera_A, _ = self._shared()
-        return self.vera_lambda_d[:, None] * vera_A  # [r, in]
+        return folded_A(self.vera_projection.vera_A, self.vera_lambda_d, self.in_features)
 
     def lora_B_rows(self) -> Tensor:
         return self.lora_B_weight()
 
     def lora_A_forward(self, x: Tensor) -> Tensor:
-        vera_A, _ = self._shared()
-        return self.vera_lambda_d * torch.nn.functional.linear(x, vera_A.to(x.device))  # [..., r]
+        vera_A = self.vera_projection.vera_A[:, : self.in_features].to(device=x.device, dtype=self.vera_lambda_d.dtype)
+        return self.vera_lambda_d * torch.nn.functional.linear(x, vera_A)  # [..., r]
 
     def lora_B_weight(self) -> Tensor:
-        _, vera_B = self._shared()
-        return self.vera_lambda_b[:, None] * vera_B  # [out, r]
+        return folded_B(self.vera_projection.vera_B, self.vera_lambda_b)  # [out, r]
 
     def extra_repr(self) -> str:
         kind = "DVoRA" if self.use_dora else "VeRA"
