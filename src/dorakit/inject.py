@@ -39,7 +39,8 @@ def _saved_copies(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(p, m) for p, m in model.named_modules() if isinstance(m, ModulesToSave)]
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` where the submodule at ``path`` is."""
     parent_path, _, child = path.rpartition(".")
     setattr(model.get_submodule(parent_path), child, new)
 
@@ -100,7 +101,7 @@ def inject_adapters(
     # From here on nothing can fail: change the model.
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     for path, new in {**wrappers, **copies}.items():
-        _replace(model, path, new)
+        replace_module(model, path, new)
     _freeze_all_but_adapters(model, config.bias)
     setattr(model, _FLAGS_ATTR, flags)
     setattr(model, CONFIG_ATTR, config)
@@ -158,12 +159,12 @@ def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
 def _take_out(model: nn.Module, merge: bool) -> nn.Module:
     for path, layer in adapter_layers(model):
         if merge:
-            _replace(model, path, layer.merged_base())
+            replace_module(model, path, layer.merged_base())
         else:
             layer.unmerge()
-            _replace(model, path, layer.base_layer)
+            replace_module(model, path, layer.base_layer)
     for path, copy in _saved_copies(model):
-        _replace(model, path, copy.modules_to_save if merge else copy.original_module)
+        replace_module(model, path, copy.modules_to_save if merge else copy.original_module)
     flags = getattr(model, _FLAGS_ATTR, None) or {}
     params = dict(model.named_parameters())  # the original names again, now the wrappers are gone
     for name, flag in flags.items():

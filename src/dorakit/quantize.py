@@ -55,10 +55,6 @@ class Quantization:
                                   bnb_4bit_use_double_quant=self.double_quant, bnb_4bit_compute_dtype=compute_dtype)
 
 
-def is_quantized_model(model: nn.Module) -> bool:
-    return any(is_quantized_linear(m) for m in model.modules())
-
-
 @torch.no_grad()
 def requantization_error(weight: Tensor, quantization: Quantization) -> tuple[float, float]:
     """(||Q(W) - W||^2, ||W||^2) for W quantized as ``quantization`` and dequantized again, summed
@@ -80,10 +76,11 @@ def requantization_error(weight: Tensor, quantization: Quantization) -> tuple[fl
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every remaining bitsandbytes layer by its full-precision ``nn.Linear`` (in place) and
     drop the model's quantization settings, so ``save_pretrained`` writes a plain checkpoint."""
+    from .inject import replace_module
+
     for path, module in list(model.named_modules()):
         if is_quantized_linear(module):
-            parent, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent), child, dequantize_module(module, dtype))
+            replace_module(model, path, dequantize_module(module, dtype))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -126,7 +123,9 @@ def save_merged_dequantized(
 
     dtype = floating_dtype(model)
     paths = [path for path, _ in adapter_layers(model)]
-    merge_and_unload(model)
+    merge_and_unload(model)  # merged layers come back in their compute dtype: the checkpoint's is ``dtype``
+    for path in paths:
+        model.get_submodule(path).to(dtype)
     dequantize_model(model, dtype)
     report: dict = {"layers": len(paths), "dtype": str(dtype).replace("torch.", "")}
     if requantize is not None:
