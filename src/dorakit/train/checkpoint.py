@@ -55,6 +55,35 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _run_state(progress: Progress, scheduler, config: dict) -> dict:
+    """What every checkpoint's state.json holds (JSON: no pickle)."""
+    return {
+        "format": FORMAT,
+        "progress": progress.__dict__,
+        "scheduler": _json_safe(scheduler.state_dict()),  # lr_lambdas: [None] for plain functions
+        "python_rng": _json_safe(random.getstate()),
+        "config": config,
+    }
+
+
+def _continue_from(state: dict, scheduler) -> Progress:
+    """Restore what ``_run_state`` saved (the scheduler and Python's RNG); the run's progress."""
+    scheduler.load_state_dict(state["scheduler"])
+    version, internal, gauss = state["python_rng"]
+    random.setstate((version, tuple(internal), gauss))
+    return Progress(**state["progress"])
+
+
+def _optimizer_slots(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
+    """AdamW's per-parameter state from optimizer.safetensors: {parameter index: {slot: tensor}}."""
+    slots: dict[int, dict[str, Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, index, name = key.split(".", 2)
+            slots.setdefault(int(index), {})[name] = value
+    return slots
+
+
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, config: dict) -> None:
     """Write the whole training state to ``directory`` (replacing the previous checkpoint atomically)."""
@@ -69,14 +98,7 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
     if torch.cuda.is_available():
         for device, rng in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"rng.cuda.{device}"] = rng
-    state = {
-        "format": FORMAT,
-        "progress": progress.__dict__,
-        "param_groups": _json_safe(opt["param_groups"]),
-        "scheduler": _json_safe(scheduler.state_dict()),  # lr_lambdas: [None] for plain functions
-        "python_rng": _json_safe(random.getstate()),
-        "config": config,
-    }
+    state = {**_run_state(progress, scheduler, config), "param_groups": _json_safe(opt["param_groups"])}
     with atomic.new_directory(directory, overwrite=True, what="checkpoint") as tmp:
         if has_adapter(model):
             save_adapter(model, tmp / "adapter")
@@ -108,20 +130,12 @@ def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim
     else:
         load_model(model, str(directory / MODEL_NAME), device=str(next(model.parameters()).device))
     tensors = load_file(str(directory / TENSORS_NAME))
-    slots: dict[int, dict[str, Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("state."):
-            _, index, name = key.split(".", 2)
-            slots.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": slots, "param_groups": state["param_groups"]})
-    scheduler.load_state_dict(state["scheduler"])
+    optimizer.load_state_dict({"state": _optimizer_slots(tensors), "param_groups": state["param_groups"]})
     torch.set_rng_state(tensors["rng.torch"])
     cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    return Progress(**state["progress"])
+    return _continue_from(state, scheduler)
 
 
 # ---- multi-process runs (--strategy ddp|fsdp): torch.distributed.checkpoint ---------------------------
@@ -135,12 +149,12 @@ def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim
 DCP_NAME = "dcp"
 
 
-def _dcp_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer):
+def _dcp_state(wrapped: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    """The trainable tensors and the optimizer state, keyed by parameter name (shards under FSDP)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
-    options = StateDictOptions(ignore_frozen_params=True)
-    model_state, optim_state = get_state_dict(wrapped, optimizer, options=options)
-    return {"model": model_state, "optim": optim_state}, options
+    model_state, optim_state = get_state_dict(wrapped, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {"model": model_state, "optim": optim_state}
 
 
 def is_distributed_checkpoint(directory: Path) -> bool:
@@ -154,15 +168,11 @@ def save_distributed_checkpoint(directory: Path, wrapped: nn.Module, model: nn.M
     import torch.distributed.checkpoint as dcp
 
     rng_states = run.gather(torch.get_rng_state().tolist())
-    state = {
-        "format": FORMAT, "progress": progress.__dict__, "scheduler": _json_safe(scheduler.state_dict()),
-        "python_rng": _json_safe(random.getstate()), "config": config, "processes": run.world, "torch_rng": rng_states,
-    }
+    state = {**_run_state(progress, scheduler, config), "processes": run.world, "torch_rng": rng_states}
     parent = directory.parent
     tmp = run.broadcast(str(atomic.temporary_directory(parent, directory.name)) if run.main else None)
     try:
-        dcp_state, _ = _dcp_state(wrapped, optimizer)
-        dcp.save(dcp_state, checkpoint_id=str(Path(tmp) / DCP_NAME))
+        dcp.save(_dcp_state(wrapped, optimizer), checkpoint_id=str(Path(tmp) / DCP_NAME))
         if run.main:
             save_adapter(model, Path(tmp) / "adapter", tensors=adapter)
             (Path(tmp) / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -183,21 +193,17 @@ def restore_distributed_checkpoint(directory: Path, wrapped: nn.Module, optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = read_state(directory)
-    dcp_state, _ = _dcp_state(wrapped, optimizer)
-    expected = set(dcp_state["model"])
+    dcp_state = _dcp_state(wrapped, optimizer)
+    if not dcp_state["model"]:
+        raise ValueError(f"This model has no trainable tensors to restore from {directory}.")
+    # dcp.load fails on any trainable key the checkpoint lacks; strict=False below is for the frozen
+    # base, which is not in the checkpoint.
     dcp.load(dcp_state, checkpoint_id=str(directory / DCP_NAME))
-    # strict=False: the frozen base is not in the checkpoint; the trainable keys were checked above by
-    # dcp.load, which fails on any key of ``expected`` the checkpoint lacks.
     set_state_dict(wrapped, optimizer, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"],
                    options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    if not expected:
-        raise ValueError(f"{directory} holds no trainable tensors for this model.")
-    scheduler.load_state_dict(state["scheduler"])
     if state.get("processes") == run.world:  # per-process RNG (dropout) continues exactly
         torch.set_rng_state(torch.tensor(state["torch_rng"][run.rank], dtype=torch.uint8))
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    return Progress(**state["progress"])
+    return _continue_from(state, scheduler)
 
 
 def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model: nn.Module,
@@ -219,15 +225,8 @@ def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model
                    for k, v in read_adapter_tensors(directory / "adapter").items() if k.startswith("base_model.model.")}
     # The one-process optimizer numbered the trainable parameters in model order: name them.
     names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
-    slots: dict[str, dict[str, Tensor]] = {}
-    for key, value in load_file(str(directory / TENSORS_NAME)).items():
-        if key.startswith("state."):
-            _, index, slot = key.split(".", 2)
-            slots.setdefault(names[int(index)], {})[slot] = value
+    slots = {names[index]: values for index, values in _optimizer_slots(load_file(str(directory / TENSORS_NAME))).items()}
     groups = [{**group, "params": names} for group in state["param_groups"]]
     set_state_dict(wrapped, optimizer, model_state_dict=model_state, optim_state_dict={"state": slots, "param_groups": groups},
                    options=StateDictOptions(full_state_dict=True, strict=False))
-    scheduler.load_state_dict(state["scheduler"])
-    version, internal, gauss = state["python_rng"]
-    random.setstate((version, tuple(internal), gauss))
-    return Progress(**state["progress"])
+    return _continue_from(state, scheduler)
