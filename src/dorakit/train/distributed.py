@@ -55,17 +55,18 @@ class Dist:
     def active(self) -> bool:
         return self.strategy != "none"
 
-    def sum(self, value: float) -> float:
-        """The sum of ``value`` over processes (every process gets it)."""
-        if not self.active:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
-        dist.all_reduce(tensor)
-        return float(tensor.item())
+    def sum(self, value: Tensor) -> float:
+        """The sum of a one-element ``value`` over processes, on every process (one host sync)."""
+        if self.active:
+            value = value.detach().to(device=self.device, dtype=torch.float64).clone()
+            dist.all_reduce(value)
+        return float(value)
 
     def any(self, flag: bool) -> bool:
         """True on every process when any process says so (e.g. a stop signal seen by one)."""
-        return self.sum(1.0 if flag else 0.0) > 0
+        if not self.active:
+            return flag
+        return self.sum(torch.tensor(1.0 if flag else 0.0)) > 0
 
     def barrier(self) -> None:
         if self.active:

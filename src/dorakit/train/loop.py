@@ -209,9 +209,10 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
                 items = [train_items[i] for i in order]
                 trained = sum(x.target_tokens for x in items)  # the whole global batch's, before any micro-batch
                 mine = items[processes.rank :: processes.world]  # this process's share of the global batch
+                seen = sum(len(x.input_ids) for x in items)  # the global batch's tokens, known everywhere
                 lr = optimizer.param_groups[0]["lr"]
                 wrapped.train()
-                loss_total, seen = 0.0, 0
+                loss_total = torch.zeros((), dtype=torch.float64, device=loaded.device)
                 for first in range(0, share, micro):
                     chunk = mine[first : first + micro]
                     batch = collate(chunk, loaded.tokenizer.pad_token_id, loaded.device)
@@ -220,10 +221,8 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
                             summed = wrapped(**batch)
                         # DDP and FSDP average gradients over processes: x world gives the global sum.
                         (summed * (processes.world / trained)).backward()
-                    loss_total += summed.item()
-                    seen += int(batch["attention_mask"].sum())
-                loss_total, seen = processes.sum(loss_total), int(processes.sum(seen))
-                loss = loss_total / trained
+                    loss_total += summed.detach()  # on the device: one host sync per step, below
+                loss = processes.sum(loss_total) / trained
                 if not math.isfinite(loss):
                     where = f"{out / 'checkpoint'} (step {saved_step})" if saved_step else "none was written yet"
                     raise TrainingError(f"The loss is {loss} at step {step}; training stopped before applying it. "
