@@ -190,3 +190,27 @@ class PeakRSS:
         self._thread.join()
         self.peak_mb = max(self.peak_mb, rss_mb())
         self.increase_mb = self.peak_mb - self.start_mb
+
+
+def memory_by_method(module: str, args: list[str], methods, reference: str) -> dict[str, dict]:
+    """Run ``python -m MODULE ARGS --child METHOD`` once per method (so each peak is its own process's)
+    and read the JSON line each prints; adds peak and increase ratios to ``reference``."""
+    import subprocess
+    import sys
+
+    per_method = {}
+    for method in methods:
+        done = subprocess.run([sys.executable, "-m", module, *args, "--child", method], capture_output=True, text=True,
+                              check=True)
+        per_method[method] = json.loads(done.stdout.strip().splitlines()[-1])
+    ref = per_method[reference]
+    for values in per_method.values():
+        values[f"peak_ratio_to_{reference}"] = values["peak_mb"] / ref["peak_mb"]
+        values[f"increase_ratio_to_{reference}"] = values["increase_mb"] / ref["increase_mb"]
+    return per_method
+
+
+def memory_line(per_method: dict[str, dict], reference: str) -> str:
+    return ", ".join(
+        f"{m} peak {v['peak_mb']:.0f} MB ({v[f'peak_ratio_to_{reference}']:.3f}x), +{v['increase_mb']:.0f} MB "
+        f"({v[f'increase_ratio_to_{reference}']:.3f}x)" for m, v in per_method.items())

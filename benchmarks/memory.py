@@ -13,12 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
 
 import torch
 
-from .common import METHODS, SPECS, adapt, build_base, environment, parse_batches, rss_mb, write_result
+from .common import (METHODS, SPECS, adapt, build_base, environment, memory_by_method, memory_line, parse_batches, rss_mb,
+                     write_result)
 
 
 def child(method: str, model_name: str, batch: int, seq: int, steps: int, threads: int) -> dict:
@@ -58,20 +57,11 @@ def main() -> None:
         return
     results = []
     for batch, seq in batches:
-        per_method = {}
-        for method in METHODS:
-            cmd = [sys.executable, "-m", "benchmarks.memory", "--model", args.model, "--batches", f"{batch}x{seq}",
-                   "--steps", str(args.steps), "--threads", str(args.threads), "--child", method]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            per_method[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        ref = per_method["peft_lora"]
-        for m in per_method.values():
-            m["peak_ratio_to_peft_lora"] = m["peak_mb"] / ref["peak_mb"]
-            m["increase_ratio_to_peft_lora"] = m["increase_mb"] / ref["increase_mb"]
+        child_args = ["--model", args.model, "--batches", f"{batch}x{seq}", "--steps", str(args.steps),
+                      "--threads", str(args.threads)]
+        per_method = memory_by_method("benchmarks.memory", child_args, METHODS, "peft_lora")
         results.append({"batch": batch, "seq_len": seq, "methods": per_method})
-        print(f"{args.model} {batch}x{seq}: " + ", ".join(
-            f"{m} peak {v['peak_mb']:.0f} MB ({v['peak_ratio_to_peft_lora']:.3f}x), +{v['increase_mb']:.0f} MB "
-            f"({v['increase_ratio_to_peft_lora']:.3f}x)" for m, v in per_method.items()))
+        print(f"{args.model} {batch}x{seq}: " + memory_line(per_method, "peft_lora"))
     write_result(f"memory_{args.model}", {
         "benchmark": "memory", "model": args.model, "r": spec.r, "lora_alpha": spec.alpha, "steps": args.steps,
         "measure": "cuda max_memory_allocated" if torch.cuda.is_available() else "peak RSS (ru_maxrss)",

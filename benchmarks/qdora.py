@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 
 import torch
 
-from .common import TARGETS, PeakRSS, environment, interleaved, summarise, write_result
+from .common import TARGETS, PeakRSS, environment, interleaved, memory_by_method, memory_line, summarise, write_result
 
 METHODS = ("dorakit_qdora", "dorakit_qlora", "peft_qdora", "peft_qlora")
 R, ALPHA = 8, 16
@@ -120,20 +118,11 @@ def child(method: str, args) -> dict:
 def memory(args) -> list[dict]:
     results = []
     for batch, seq in args.batches:
-        per_method = {}
-        for method in METHODS:
-            cmd = [sys.executable, "-m", "benchmarks.qdora", "--quant-type", args.quant_type, "--batches",
-                   f"{batch}x{seq}", "--steps", str(args.steps), "--threads", str(args.threads), "--child", method]
-            done = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            per_method[method] = json.loads(done.stdout.strip().splitlines()[-1])
-        ref = per_method["peft_qlora"]
-        for values in per_method.values():
-            values["peak_ratio_to_peft_qlora"] = values["peak_mb"] / ref["peak_mb"]
-            values["increase_ratio_to_peft_qlora"] = values["increase_mb"] / ref["increase_mb"]
+        child_args = ["--quant-type", args.quant_type, "--batches", f"{batch}x{seq}", "--steps", str(args.steps),
+                      "--threads", str(args.threads)]
+        per_method = memory_by_method("benchmarks.qdora", child_args, METHODS, "peft_qlora")
         results.append({"batch": batch, "seq_len": seq, "methods": per_method})
-        print(f"memory {batch}x{seq}: " + ", ".join(
-            f"{m} peak {v['peak_mb']:.0f} MB ({v['peak_ratio_to_peft_qlora']:.3f}x), +{v['increase_mb']:.0f} MB "
-            f"({v['increase_ratio_to_peft_qlora']:.3f}x)" for m, v in per_method.items()), flush=True)
+        print(f"memory {batch}x{seq}: " + memory_line(per_method, "peft_qlora"), flush=True)
     return results
 
 
