@@ -76,7 +76,7 @@ def build_methods(base: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.nn.
     non-identity adapter) and dorakit's DoRA model its exact values, so their outputs must agree."""
     import peft
 
-    from dorakit.keys import from_peft_key
+    from dorakit.formats.keys import from_peft_key
 
     models = {method: adapt(base, method, spec) for method in METHODS}
     with torch.no_grad():

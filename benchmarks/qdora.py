@@ -26,8 +26,8 @@ R, ALPHA = 8, 16
 
 def load_quantized(quant_type: str):
     from dorakit.assets import smollm2_path
-    from dorakit.hf import load_pretrained
-    from dorakit.quantize import Quantization
+    from dorakit.integrations.transformers import load_pretrained
+    from dorakit.integrations.bitsandbytes import Quantization
 
     # fp32 non-quantized parts and compute on CPU (bf16 is slower there); bf16 on GPUs.
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -63,7 +63,7 @@ def device_ids(batch: int, seq: int) -> torch.Tensor:
 def timing(args) -> list[dict]:
     import peft
 
-    from dorakit.keys import from_peft_key
+    from dorakit.formats.keys import from_peft_key
 
     models = {m: adapt(load_quantized(args.quant_type), m) for m in METHODS}
     with torch.no_grad():  # a non-identity adapter, the same in both DoRA models

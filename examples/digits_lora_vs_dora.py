@@ -7,7 +7,7 @@ download, no scikit-learn import). An MLP 64-128-128-10 is pre-trained on digits
 is then fine-tuned on digits 5-9 with the base frozen and an adapter on every Linear (LoRA or DoRA,
 r=4, alpha=8; Adam at 1e-2), or fully (Adam at 3e-3), for the same number of full-batch steps. Accuracy is on
 held-out digits 5-9. The magnitude/direction correlation of each method's updates over its
-checkpoints (dorakit.analysis, the paper's Fig. 2 statistic) is printed beside it.
+checkpoints (dorakit.analysis.decomposition, the paper's Fig. 2 statistic) is printed beside it.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import dorakit
-from dorakit.analysis import decomposition_change
-from dorakit.analysis_report import pearson
+from dorakit.analysis.decomposition import decomposition_change
+from dorakit.analysis.report import pearson
 
 SKLEARN_INSTALL = "pip install --no-deps scikit-learn==1.9.1   (or: make assets)"
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import dorakit
-from dorakit.analysis import analyse, decomposition_change, layer_index
+from dorakit.analysis.decomposition import analyse, decomposition_change, layer_index
 
 from .conftest import perturb_adapters, seeded, tiny_llama
 
@@ -118,7 +118,7 @@ def test_analyze_command_writes_csv_json_and_plot(checkpoints, tmp_path):
 
 
 def test_compare_runs_every_method_and_seed(tmp_path):
-    from dorakit.compare import METHODS
+    from dorakit.analysis.compare import METHODS
     from .train_assets import colour_records, make_model_dir, write_jsonl
 
     make_model_dir(tmp_path / "model")
@@ -145,7 +145,7 @@ def test_compare_runs_every_method_and_seed(tmp_path):
 
 
 def test_dvora_adapters_are_analysed_like_their_merge(checkpoints, tmp_path):
-    from dorakit.analysis import decomposition_change
+    from dorakit.analysis.decomposition import decomposition_change
 
     root, base = checkpoints
     model = dorakit.inject_adapters(copy.deepcopy(base), dorakit.DoraConfig(r=4, target_modules=["q_proj"], direction="vera"))
@@ -165,7 +165,7 @@ def test_dvora_adapters_are_analysed_like_their_merge(checkpoints, tmp_path):
 
 
 def test_tensor_merge_matches_the_layers_and_prefixes_are_matched(checkpoints, tmp_path):
-    from dorakit.analysis import decomposition_change
+    from dorakit.analysis.decomposition import decomposition_change
 
     root, base = checkpoints
     merged = dorakit.merge_and_unload(dorakit.load_adapter(copy.deepcopy(base), root / "lora-step-20"))

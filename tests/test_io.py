@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dorakit
-from dorakit.io import CONFIG_NAME, WEIGHTS_NAME
+from dorakit.formats.peft import CONFIG_NAME, WEIGHTS_NAME
 
 from .conftest import output_of, perturb_adapters, rel_err, seeded, tiny_gpt2, tiny_llama
 

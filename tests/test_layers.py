@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import dorakit
-from dorakit.keys import adapter_state_dict
+from dorakit.formats.keys import adapter_state_dict
 from dorakit.layers import AdapterLayer
 
 from .conftest import EXTRA_CASES, TOY_CASES, output_of, perturb_adapters, rel_err, seeded

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dorakit
-from dorakit.merged import ADAPTER_SUBDIR, INDEX_NAME, NORMS_NAME
+from dorakit.formats.merged import ADAPTER_SUBDIR, INDEX_NAME, NORMS_NAME
 
 from .conftest import output_of, perturb_adapters, rel_err, seeded, tiny_gpt2, tiny_llama
 

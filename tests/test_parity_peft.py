@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import dorakit
-from dorakit.keys import adapter_state_dict, from_peft_key
+from dorakit.formats.keys import adapter_state_dict, from_peft_key
 
 from .conftest import TOY_CASES, output_of, perturb_adapters, rel_err, seeded, tiny_gpt2, tiny_llama
 

@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 import dorakit
-from dorakit.keys import from_peft_key
+from dorakit.formats.keys import from_peft_key
 from dorakit.layers import QuantizedLinear
 from dorakit.layers.quantized import QuantizedRows
-from dorakit.quantize import Quantization
+from dorakit.integrations.bitsandbytes import Quantization
 
 from .conftest import rel_err
 from .test_functional import _LargestTensor
@@ -58,7 +58,7 @@ def llama_dir(tmp_path_factory):
 
 
 def load(path, quantization: Quantization):
-    from dorakit.hf import load_pretrained
+    from dorakit.integrations.transformers import load_pretrained
 
     return load_pretrained(path, "float32", quantization)
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import dorakit
-from dorakit.io import load_adapter_tensors, read_adapter_tensors
+from dorakit.formats.peft import load_adapter_tensors, read_adapter_tensors
 from dorakit.layers import VeraLinear, VeraProjection
 
 from .conftest import LinearNet, output_of, rel_err, seeded, tiny_gpt2, tiny_llama

@@ -10,9 +10,9 @@ from .inject import (
     trainable_parameters,
     unload,
 )
-from .io import load_adapter, read_adapter_config, save_adapter
+from .formats.peft import load_adapter, read_adapter_config, save_adapter
 from .layers import AdapterLayer
-from .merged import load_merged, save_merged
+from .formats.merged import load_merged, save_merged
 
 __version__ = "0.1.0"
 

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from .hf import DTypeName
-from .quantize import QuantizeName, QuantType
+from .integrations.transformers import DTypeName
+from .integrations.bitsandbytes import QuantizeName, QuantType
 from .train.inference import AccuracyMode
 from .train.options import TrainConfig
 
@@ -48,11 +48,11 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
         double_quant: Whether training used 4-bit double quantization.
         requantize: With --quantize: also write the merged model re-quantized to this directory.
     """
-    from .hf import load_pretrained, load_tokenizer
+    from .integrations.transformers import load_pretrained, load_tokenizer
     from .inject import adapter_layers
-    from .io import load_adapter
-    from .merged import save_merged
-    from .quantize import Quantization, save_merged_dequantized
+    from .formats.peft import load_adapter
+    from .formats.merged import save_merged
+    from .integrations.bitsandbytes import Quantization, save_merged_dequantized
 
     quantization = Quantization.parse(quantize, quant_type, double_quant)
     if requantize is not None and quantization is None:
@@ -99,7 +99,7 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
         quant_type: 4-bit data type used in training.
         double_quant: Whether training used 4-bit double quantization.
     """
-    from .quantize import Quantization
+    from .integrations.bitsandbytes import Quantization
     from .train.inference import evaluate_file
 
     if data is None:
@@ -136,7 +136,7 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
         quant_type: 4-bit data type used in training.
         double_quant: Whether training used 4-bit double quantization.
     """
-    from .quantize import Quantization
+    from .integrations.bitsandbytes import Quantization
     from .train.inference import generate as run_generate
 
     if chat not in ("auto", "on", "off"):
@@ -161,8 +161,8 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
         modules: Module names whose weights are analysed (the paper: query and value projections;
             BERT-style models call them query and value).
     """
-    from .analysis import analyse
-    from .analysis_report import write_report
+    from .analysis.decomposition import analyse
+    from .analysis.report import write_report
 
     rows = analyse(base, checkpoints, modules)
     summary = write_report(rows, Path(out))
@@ -203,7 +203,7 @@ def compare(output: str, model: str | None = None, data: str | None = None,
         config: A `dorakit train` config file with the other options (every run uses it).
         name: Named configuration in --config.
     """
-    from .compare import format_table, plan, run_all, table, write
+    from .analysis.compare import format_table, plan, run_all, table, write
 
     common: list[str] = []
     if data is None:
@@ -232,7 +232,7 @@ def _base_model(model: str | None, adapter: str | None) -> str:
     if model is not None:
         return model
     if adapter is not None:
-        from .io import read_adapter_config
+        from .formats.peft import read_adapter_config
 
         recorded = read_adapter_config(adapter).base_model_name_or_path
         if recorded and Path(recorded).is_dir():

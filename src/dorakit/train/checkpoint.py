@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from .. import atomic
 from ..inject import CONFIG_ATTR
-from ..io import load_adapter_tensors, read_adapter_tensors, save_adapter
+from ..formats.peft import load_adapter_tensors, read_adapter_tensors, save_adapter
 
 STATE_NAME = "state.json"
 MODEL_NAME = "model.safetensors"
@@ -214,7 +214,7 @@ def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    from ..keys import from_peft_key
+    from ..formats.keys import from_peft_key
     from ..modules_to_save import ModulesToSave
 
     state = read_state(directory)

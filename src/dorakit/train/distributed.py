@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..hf import default_device
+from ..integrations.transformers import default_device
 from ..inject import adapter_layers
 from .loss import loss_sum
 

@@ -7,9 +7,9 @@ from typing import Literal
 
 import torch
 
-from ..hf import DTypeName, default_device, place
-from ..io import load_adapter, read_adapter_config
-from ..quantize import Quantization
+from ..integrations.transformers import DTypeName, default_device, place
+from ..formats.peft import load_adapter, read_adapter_config
+from ..integrations.bitsandbytes import Quantization
 from .batches import encode_all
 from .data import load_dataset
 from .evaluate import EvalSetup, evaluate_loss, generation_accuracy, rank_accuracy

@@ -21,8 +21,8 @@ import torch
 
 from .. import atomic
 from ..inject import trainable_parameters
-from ..io import save_adapter
-from ..keys import is_adapter_key
+from ..formats.peft import save_adapter
+from ..formats.keys import is_adapter_key
 from .batches import collate, encode_all, split, stream_indices
 from .checkpoint import (Progress, has_adapter, is_distributed_checkpoint, read_state, restore_checkpoint,
                          restore_distributed_checkpoint, restore_single_process_checkpoint, save_checkpoint,

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..config import DoraConfig
-from ..hf import default_device, place, quantized_loading, require_transformers, torch_dtype
+from ..integrations.transformers import default_device, place, quantized_loading, require_transformers, torch_dtype
 from ..inject import inject_adapters
 from ..layers import is_conv1d
 from ..targets import ALL_LINEAR  # every Linear/Conv1D of attention and MLP; never the output head

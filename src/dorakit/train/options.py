@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..hf import DTypeName
-from ..quantize import Quantization, QuantizeName, QuantType
+from ..integrations.transformers import DTypeName
+from ..integrations.bitsandbytes import Quantization, QuantizeName, QuantType
 from .distributed import Strategy
 
 Task = Literal["auto", "causal-lm", "classification"]

@@ -21,11 +21,11 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from . import atomic
-from .inject import adapter_layers, refuse_tied_adapted_weights, unload
-from .io import load_adapter, save_adapter
+from .. import atomic
+from ..inject import adapter_layers, refuse_tied_adapted_weights, unload
+from .peft import load_adapter, save_adapter
 from .keys import is_adapter_key
-from .modules_to_save import ModulesToSave
+from ..modules_to_save import ModulesToSave
 
 NORMS_NAME = "dorakit_merge.safetensors"
 ADAPTER_SUBDIR = "dorakit_adapter"

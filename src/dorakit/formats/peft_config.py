@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .config import DoraConfig
+from ..config import DoraConfig
 
 # The format version written; PEFT uses it only to warn about adapters from newer versions.
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -141,7 +141,7 @@ def _vera_dict(config: DoraConfig, model: nn.Module | None) -> dict[str, Any]:
     out["bias"] = VERA_BIAS[config.bias]
     if config.exclude_modules is not None:
         # PEFT's VeraConfig has no exclude_modules: name the adapted modules themselves instead.
-        from .inject import adapter_layers
+        from ..inject import adapter_layers
 
         layers = [path for path, _ in adapter_layers(model)] if model is not None else []
         if not layers:

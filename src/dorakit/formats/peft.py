@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import atomic
-from .config import DoraConfig
-from .inject import CONFIG_ATTR, inject_adapters, unload
+from .. import atomic
+from ..config import DoraConfig
+from ..inject import CONFIG_ATTR, inject_adapters, unload
 from .keys import PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
-from .layers import VeraProjection
-from .modules_to_save import ModulesToSave
-from .peft_format import from_peft_dict, to_peft_dict
+from ..layers import VeraProjection
+from ..modules_to_save import ModulesToSave
+from .peft_config import from_peft_dict, to_peft_dict
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

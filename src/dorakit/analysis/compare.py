@@ -16,8 +16,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import atomic
-from .figures import pyplot, save_png
+from .. import atomic
+from ..figures import pyplot, save_png
 
 METHODS = ("full", "lora", "dora", "dora-half", "vera", "dvora")
 VERA_METHODS = ("vera", "dvora")  # ranked by --vera-ranks: their rank costs no trainable parameters

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from .layers.quantized import dequantize_module, is_quantized_linear, require_bitsandbytes
+from ..layers.quantized import dequantize_module, is_quantized_linear, require_bitsandbytes
 
 QuantizeName = Literal["none", "4bit", "8bit"]
 QuantType = Literal["nf4", "fp4"]
@@ -76,7 +76,7 @@ def requantization_error(weight: Tensor, quantization: Quantization) -> tuple[fl
 def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every remaining bitsandbytes layer by its full-precision ``nn.Linear`` (in place) and
     drop the model's quantization settings, so ``save_pretrained`` writes a plain checkpoint."""
-    from .inject import replace_module
+    from ..inject import replace_module
 
     for path, module in list(model.named_modules()):
         if is_quantized_linear(module):
@@ -118,8 +118,8 @@ def save_merged_dequantized(
         {"layers": merged layers, "dtype": ..., "requantization": {"relative_error": ||Q(W) - W|| / ||W||
         over all merged weights, "worst_layer": ..., "worst_relative_error": ...}} (the last when measured).
     """
-    from . import atomic
-    from .inject import adapter_layers, merge_and_unload
+    from .. import atomic
+    from ..inject import adapter_layers, merge_and_unload
 
     dtype = floating_dtype(model)
     paths = [path for path, _ in adapter_layers(model)]
@@ -143,7 +143,7 @@ def save_merged_dequantized(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     if requantize is not None and requantized_directory is not None:
-        from .hf import load_pretrained
+        from .transformers import load_pretrained
 
         requantized = load_pretrained(directory, "auto", requantize)
         with atomic.new_directory(requantized_directory, overwrite=overwrite, what="re-quantized checkpoint") as tmp:

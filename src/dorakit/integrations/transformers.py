@@ -54,7 +54,7 @@ def place(model: nn.Module, device: torch.device) -> nn.Module:
 def load_pretrained(path: str | os.PathLike, dtype: DTypeName = "auto", quantization=None) -> nn.Module:
     """Load a transformers model with the class its config names (``architectures[0]``), so a
     causal LM comes back with its LM head and a classifier with its classification head.
-    ``quantization`` (a ``dorakit.quantize.Quantization``) loads its linear layers in 4 or 8 bits."""
+    ``quantization`` (a ``dorakit.integrations.bitsandbytes.Quantization``) loads its linear layers in 4 or 8 bits."""
     transformers = require_transformers()
     config = transformers.AutoConfig.from_pretrained(path)
     names = getattr(config, "architectures", None) or []

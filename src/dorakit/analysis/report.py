@@ -7,9 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from . import atomic
-from .analysis import Row
-from .figures import pyplot, save_png
+from .. import atomic
+from .decomposition import Row
+from ..figures import pyplot, save_png
 
 COLUMNS = ["checkpoint", "method", "step", "layer", "module", "name", "delta_m", "delta_d"]
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .functional import row_chunks
-from .keys import PEFT_PREFIX, PROJECTION_KEYS
+from ..functional import row_chunks
+from ..formats.keys import PEFT_PREFIX, PROJECTION_KEYS
 
 DEFAULT_MODULES = ("q_proj", "v_proj")  # the paper analyses the query and value projections
 
@@ -144,7 +144,7 @@ class AdapterSource:
     """An adapter directory, read once: its config and tensors, and the module each entry adapts."""
 
     def __init__(self, directory: Path, analysed: list[str]) -> None:
-        from .io import read_adapter_config, read_adapter_tensors
+        from ..formats.peft import read_adapter_config, read_adapter_tensors
 
         self.config = read_adapter_config(directory)
         self.method = self.config.method
@@ -166,7 +166,7 @@ class AdapterSource:
         """The update's A [r, in] and B [out, r] for one module (VeRA's vectors folded into its shared pair)."""
         if not self.vera:
             return self.tensors[f"{prefix}.lora_A.weight"].float(), self.tensors[f"{prefix}.lora_B.weight"].float()
-        from .layers.vera import folded_A, folded_B
+        from ..layers.vera import folded_A, folded_B
 
         lambda_d, lambda_b = self.tensors[f"{prefix}.vera_lambda_d"].float(), self.tensors[f"{prefix}.vera_lambda_b"].float()
         return (folded_A(self.tensors[PROJECTION_KEYS["vera_A"]], lambda_d, in_features),
@@ -176,7 +176,7 @@ class AdapterSource:
     def rows(self, base_rows: Tensor, path: str) -> Tensor:
         """The rows this adapter computes with for module ``path``: its merge into a copy of the base
         (the layers' own merge), or the base rows when it does not adapt that module."""
-        from .functional import lora_scaling, merge_rows_
+        from ..functional import lora_scaling, merge_rows_
 
         module = next((m for m in self.prefixes if same_module(m, path)), None)
         if module is None:

@@ -1,0 +1,1 @@
+"""Code that knows another library's internals: transformers loading, bitsandbytes quantized bases."""
