@@ -12,6 +12,7 @@ from .inject import (
 )
 from .formats.peft import load_adapter, read_adapter_config, save_adapter
 from .layers import AdapterLayer
+from .norm_cache import refresh_norms
 from .formats.merged import load_merged, save_merged
 
 __version__ = "0.1.0"
@@ -27,6 +28,7 @@ __all__ = [
     "merge_and_unload",
     "print_trainable_parameters",
     "read_adapter_config",
+    "refresh_norms",
     "save_adapter",
     "save_merged",
     "trainable_parameters",

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F_dora
+from .. import norm_cache
 
 
 def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -82,6 +83,7 @@ class AdapterLayer(nn.Module):
         self._merged_norms: dict[str, Tensor] = {}
         # Derived tensors cached until their inputs change: name -> (key, value). See `_cached`.
         self._cache: dict[str, tuple] = {}
+        norm_cache.watch_optimizers()
 
         weight = self.base_weight()
         dtype = adapter_dtype or default_adapter_dtype(weight.dtype)
@@ -175,19 +177,20 @@ class AdapterLayer(nn.Module):
         return self.lora_A.weight, self.lora_B.weight
 
     def _cached(self, name: str, inputs: tuple[Tensor, ...], compute, extra: tuple = ()):
-        """``compute()`` memoised until any of ``inputs`` changes.
+        """``compute()`` memoised until any of ``inputs`` may have changed.
 
-        A change is seen through each tensor's version counter (bumped by every in-place update:
-        optimizer steps, ``copy_``, ``load_state_dict``), as autograd detects modified saved
-        tensors, and its storage address (``.data`` reassignment). So the norm is computed once per
-        optimizer step in training (gradient-checkpointing recomputation reuses it) and once in
-        total for inference, until the adapter changes.
+        The key (``dorakit.norm_cache.cache_key``) combines every optimizer step of the process (fused
+        optimizers write without bumping version counters), each tensor's version counter (in-place
+        writes: ``copy_``, ``load_state_dict``) and its storage (``.data`` reassignment); the module
+        docstring of ``norm_cache`` states the guarantee and its one gap. So the norm is computed once
+        per optimizer step in training (gradient accumulation and checkpoint recomputation reuse it)
+        and once in total for inference, until the adapter changes.
         """
         if torch.compiler.is_compiling():
             return compute()  # inside a compiled graph: traced and fused, no Python-side cache
         if not self.cache_norms and name != "base_sq":  # the frozen base's norms cannot go stale
             return compute()
-        key = tuple((t._version, t.data_ptr(), t.dtype, t.device, t.shape) for t in inputs) + extra
+        key = norm_cache.cache_key(inputs, extra)
         hit = self._cache.get(name)
         if hit is not None and hit[0] == key:
             # A tensor made under inference_mode may not be saved for a later backward.
