@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: demo test test-slow test-all assets bench clean
+.PHONY: demo test test-slow test-all assets bench docs clean
 
 # Pinned set-up (requirements/lock.txt) so installs are fast and reproducible; the package
 # metadata itself stays permissive (torch>=2.4).
@@ -54,4 +54,15 @@ demo: $(ASSETS)
 	$(PY) -m dorakit train --overwrite
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) $(DOCS_VENV) site build src/*.egg-info .pytest_cache .hypothesis
+
+# The documentation site (mkdocs-material + mkdocstrings), built offline into site/ with warnings as
+# errors. Its own small venv: the API reference reads the docstrings statically, without torch.
+DOCS_VENV := .venv-docs
+$(DOCS_VENV)/.installed: requirements/docs.txt
+	$(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements/docs.txt
+	touch $@
+
+docs: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 from torch import Tensor, nn
 
@@ -71,7 +72,7 @@ def save_merged(
     model: nn.Module,
     directory: str | os.PathLike,
     *,
-    tokenizer=None,
+    tokenizer: Any = None,
     overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
 ) -> Path:
