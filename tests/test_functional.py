@@ -158,7 +158,8 @@ def test_lora_merge_unmerge_roundtrip():
 
 
 class _LargestTensor(TorchDispatchMode):
-    """Records the element count of every tensor an op returns."""
+    """Records the element count of every tensor an op allocates (views of existing tensors are not
+    temporaries: a whole-weight slice costs nothing)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -166,8 +167,10 @@ class _LargestTensor(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = torch.utils._pytree.tree_leaves((args, kwargs))
+        storages = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, torch.Tensor)}
         for t in out if isinstance(out, (tuple, list)) else [out]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in storages:
                 self.largest = max(self.largest, t.numel())
         return out
 
