@@ -113,9 +113,17 @@ def from_model(model: nn.Module) -> dict[str, LayerAdapter]:
     return out
 
 
+def path_regex(path: str) -> str:
+    """A regex of exactly this module path. A CLIP path under ``text_model.`` matches without that level too:
+    transformers 5's CLIPTextModel lacks it, and diffusers strips it from keys but not from the config."""
+    if path.startswith(CLIP_TEXT_MODEL):
+        return "(?:" + re.escape(CLIP_TEXT_MODEL) + ")?" + re.escape(path[len(CLIP_TEXT_MODEL):])
+    return re.escape(path)
+
+
 def anchored(path: str) -> str:
     """A rank/alpha pattern key that matches exactly this module path (PEFT and dorakit read '^' as the start)."""
-    return "^" + re.escape(path)
+    return "^" + path_regex(path)
 
 
 def to_config(layers: dict[str, LayerAdapter], source: str = "the adapter") -> DoraConfig:
@@ -132,7 +140,7 @@ def to_config(layers: dict[str, LayerAdapter], source: str = "the adapter") -> D
     alpha = Counter(l.alpha for l in layers.values()).most_common(1)[0][0]
     return DoraConfig(
         r=r, lora_alpha=alpha, use_dora=use_dora, use_rslora=rslora, magnitude_axis=axis or "out",
-        target_modules="(" + "|".join(re.escape(p) for p in layers) + ")",  # exactly these paths
+        target_modules="(" + "|".join(path_regex(p) for p in layers) + ")",  # exactly these paths
         rank_pattern={anchored(p): l.r for p, l in layers.items() if l.r != r},
         alpha_pattern={anchored(p): l.alpha for p, l in layers.items() if l.alpha != alpha},
     )
