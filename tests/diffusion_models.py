@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import torch
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "ff.net.0.proj", "ff.net.2", "proj_in", "proj_out", "conv1",
-                "conv2", "conv_shortcut", "time_emb_proj"]
-SD3_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-               "ff.net.0.proj", "ff.net.2", "pos_embed.proj", "proj_out"]
-CLIP_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+from dorakit.integrations.diffusers import (TEXT_ENCODER, TRANSFORMER_ATTENTION, TRANSFORMER_FEED_FORWARD, UNET_ATTENTION,
+                                           UNET_CONVS, UNET_FEED_FORWARD)
+
+UNET_TARGETS = UNET_ATTENTION + UNET_FEED_FORWARD + UNET_CONVS
+# SD3 adapted with its patch embedding (a strided 2x2 conv) and output projection as well.
+SD3_TARGETS = [t for t in TRANSFORMER_ATTENTION + TRANSFORMER_FEED_FORWARD if not t.startswith("ff_context")] + [
+    "pos_embed.proj", "proj_out"]
+FLUX_TARGETS = TRANSFORMER_ATTENTION + TRANSFORMER_FEED_FORWARD + ["proj_out", "x_embedder"]
+CLIP_TARGETS = TEXT_ENCODER
 
 
 def tiny_unet(seed: int = 0):
@@ -43,6 +47,22 @@ def sd3_inputs():
     g = torch.Generator().manual_seed(1)
     return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
                 pooled_projections=torch.randn(2, 6, generator=g), timestep=torch.tensor([10, 700]))
+
+
+def tiny_flux(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=4,
+                                  num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=6,
+                                  axes_dims_rope=(2, 2, 0)).eval()
+
+
+def flux_inputs():
+    g = torch.Generator().manual_seed(1)
+    return dict(hidden_states=torch.randn(2, 6, 4, generator=g), encoder_hidden_states=torch.randn(2, 3, 12, generator=g),
+                pooled_projections=torch.randn(2, 6, generator=g), timestep=torch.tensor([0.1, 0.7]),
+                img_ids=torch.zeros(6, 3), txt_ids=torch.zeros(3, 3))
 
 
 def tiny_clip_text(seed: int = 0):

@@ -15,8 +15,8 @@ import dorakit
 from dorakit.formats.keys import DIFFUSERS_METADATA_KEY, DIFFUSERS_WEIGHTS_NAME
 
 from .conftest import rel_err
-from .diffusion_models import (CLIP_TARGETS, SD3_TARGETS, UNET_TARGETS, clip_inputs, perturb, sd3_inputs,
-                               tiny_clip_text, tiny_pipeline, tiny_sd3, tiny_unet, unet_inputs)
+from .diffusion_models import (CLIP_TARGETS, FLUX_TARGETS, SD3_TARGETS, UNET_TARGETS, clip_inputs, flux_inputs, perturb,
+                               sd3_inputs, tiny_clip_text, tiny_flux, tiny_pipeline, tiny_sd3, tiny_unet, unet_inputs)
 
 pytest.importorskip("diffusers")
 
@@ -128,6 +128,17 @@ def test_sd3_transformer_into_diffusers_and_through_kohya(tmp_path):
         assert "lora_transformer_transformer_blocks_0_attn_add_k_proj.dora_scale" in handle.keys()
     again = dorakit.load_adapter(copy.deepcopy(base), tmp_path / "sd3.safetensors")
     assert rel_err(sd3_out(again), expected) < 1e-6
+
+
+def test_flux_transformer_into_diffusers(tmp_path):
+    base = tiny_flux()
+    model = adapted(copy.deepcopy(base), FLUX_TARGETS, lora_alpha=3, r=2)
+    assert "single_transformer_blocks.0.proj_mlp" in dict(dorakit.adapter_layers(model))
+    expected = model(**flux_inputs()).sample
+    dorakit.save_diffusers(model, tmp_path)
+    theirs = copy.deepcopy(base)
+    theirs.load_lora_adapter(str(tmp_path), prefix="transformer", use_safetensors=True)
+    assert rel_err(theirs(**flux_inputs()).sample, expected) < 1e-5
 
 
 def test_pipeline_file_with_unet_and_text_encoder(tmp_path, unet_pair):
