@@ -108,3 +108,22 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert code == 2 and "--overwrite" in err
     code, _, err = main(capsys, tmp_path / "nothing", "--to", "peft", "--out", tmp_path / "x")
     assert code == 2 and "does not exist" in err
+
+
+def test_text_encoder_kohya_to_peft_names_modules_as_the_base_does(tmp_path, capsys):
+    from .diffusion_models import CLIP_TARGETS, clip_inputs, tiny_clip_text
+
+    base = tiny_clip_text()
+    base.save_pretrained(tmp_path / "te")  # transformers 5: no text_model level in the names
+    model = dorakit.inject_adapters(copy.deepcopy(base), dorakit.DoraConfig(
+        r=2, lora_alpha=6, target_modules=CLIP_TARGETS, init_lora_weights=False))
+    perturb(model)
+    dorakit.save_kohya(model, tmp_path / "te.safetensors")
+    assert "lora_te_text_model_encoder_layers_0_mlp_fc1.lora_up.weight" in tensors(tmp_path / "te.safetensors")
+    code, _, err = main(capsys, tmp_path / "te.safetensors", "--to", "peft", "--out", tmp_path / "peft", "--base",
+                        tmp_path / "te")
+    assert code == 0, err
+    assert "base_model.model.encoder.layers.0.mlp.fc1.lora_A.weight" in tensors(tmp_path / "peft" / WEIGHTS_NAME)
+    again = dorakit.load_adapter(copy.deepcopy(base), tmp_path / "peft")
+    ids = clip_inputs()
+    assert rel_err(again(ids).last_hidden_state, model(ids).last_hidden_state) < 1e-6

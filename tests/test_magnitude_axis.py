@@ -242,3 +242,18 @@ def test_peft_format_refuses_the_input_axis(tmp_path):
     with pytest.raises(ValueError, match="save_kohya"):
         dorakit.save_adapter(net, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_decomposition_analysis_per_input_column():
+    from dorakit.analysis.decomposition import decomposition_change
+
+    net = adapted_net()
+    for layer in (net.fc, net.conv):
+        w0 = layer.base_layer.weight.detach().clone()
+        magnitude = layer.lora_magnitude_vector.detach().reshape(-1)
+        layer.merge()
+        delta_m, delta_d = decomposition_change(w0, layer.base_layer.weight.detach(), axis="in")
+        # A merged input-axis weight's column norms are its magnitudes: delta_m is their mean move from ||W0_col||.
+        base_norms = w0.transpose(0, 1).reshape(w0.shape[1], -1).norm(dim=1)
+        assert delta_m == pytest.approx((magnitude - base_norms).abs().mean().item(), rel=1e-9)
+        assert delta_d > 0

@@ -23,6 +23,7 @@ from ..functional import merge_rows_
 from .adapter_set import AdapterSet, LayerAdapter
 from .base_model import BaseCheckpoint
 from .detect import read_adapter_set
+from .keys import CLIP_TEXT_MODEL
 
 LAYOUTS = ("peft", "diffusers", "kohya")
 
@@ -81,6 +82,8 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, base: st
             raise ValueError("--approximate fits the adapter to the weights it computes, which needs the base model: "
                              "add --base MODEL_DIR.")
         errors = approximate_output_axis(adapters, checkpoint)
+    if to == "peft" and checkpoint is not None:
+        _base_names(adapters, checkpoint)
     written = _write(adapters, to, Path(out), overwrite)
     layers = {name: len(layers) for name, layers in adapters.components.items()}
     return Conversion(adapters.layout, written, layers, errors)
@@ -88,6 +91,16 @@ def convert(src: str | os.PathLike, to: str, out: str | os.PathLike, *, base: st
 
 def _input_axis(adapters: AdapterSet) -> bool:
     return any(l.magnitude is not None and l.axis == "in" for ls in adapters.components.values() for l in ls.values())
+
+
+def _base_names(adapters: AdapterSet, checkpoint: BaseCheckpoint) -> None:
+    """PEFT directories name modules as the model does: drop the ``text_model.`` level files keep for CLIP
+    where the base checkpoint has none (transformers 5's CLIPTextModel)."""
+    for component, layers in adapters.components.items():
+        own = set(checkpoint.paths(component))
+        adapters.components[component] = {
+            (path[len(CLIP_TEXT_MODEL):] if path.startswith(CLIP_TEXT_MODEL) and path not in own
+             and path[len(CLIP_TEXT_MODEL):] in own else path): layer for path, layer in layers.items()}
 
 
 def _write(adapters: AdapterSet, to: str, out: Path, overwrite: bool) -> list[Path]:
