@@ -79,8 +79,9 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
     print(f"merged {layers} adapted layers of {base} with {adapter} into {out} in {time.perf_counter() - start:.1f} s")
 
 
-def convert(src: Positional[Annotated[str, arg(metavar="SRC")]], to: Literal["peft", "diffusers", "kohya"], out: str, base: str | None = None,
-            approximate: bool = False, component: str | None = None, overwrite: bool = False) -> None:
+def convert(src: Positional[Annotated[str, arg(metavar="SRC")]], to: Literal["peft", "diffusers", "kohya"], out: str,
+            base: str | None = None, approximate: bool = False, component: str | None = None,
+            overwrite: bool = False) -> None:
     """Convert an adapter between PEFT, diffusers and kohya/LyCORIS files, exactly or not at all.
 
     Reads a PEFT directory, a diffusers LoRA directory or file, or a kohya/LyCORIS file (told apart by its

@@ -102,7 +102,8 @@ def from_model(model: nn.Module) -> dict[str, LayerAdapter]:
     out = {}
     for path, layer in adapter_layers(model):
         if isinstance(layer, (Embedding, VeraLinear)) or (isinstance(layer, Conv) and layer.base_layer.groups > 1):
-            lost.append(f"'{path}' ({type(layer.base_layer).__name__}" + (", grouped)" if isinstance(layer, Conv) else ")"))
+            kind = type(layer.base_layer).__name__ + (", grouped" if isinstance(layer, Conv) else "")
+            lost.append(f"'{path}' ({kind})")
             continue
         magnitude = None if layer.lora_magnitude_vector is None else layer.lora_magnitude_vector.detach().reshape(-1)
         out[prefix + path] = LayerAdapter(layer.lora_A.weight.detach(), layer.lora_B.weight.detach(), layer.lora_alpha,
@@ -131,7 +132,8 @@ def to_config(layers: dict[str, LayerAdapter], source: str = "the adapter") -> D
     the rest, and the exact module paths as targets."""
     if not layers:
         raise ValueError(f"{source} holds no LoRA/DoRA layers.")
-    kinds = Counter((l.magnitude is not None, l.axis if l.magnitude is not None else None, l.rslora) for l in layers.values())
+    kinds = Counter((l.magnitude is not None, l.axis if l.magnitude is not None else None, l.rslora)
+                    for l in layers.values())
     if len(kinds) > 1:
         raise ValueError(f"{source} mixes layers of different kinds (with/without magnitude, magnitude axis, rsLoRA: "
                          f"{sorted(kinds, key=str)}); dorakit loads one kind per adapter.")

@@ -47,10 +47,13 @@ def locate(path: str | os.PathLike) -> tuple[str, Path]:
         if len(files) == 1:
             return "file", files[0]
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if files:
+            found = f"{len(files)} .safetensors files (name the one to load)"
+        else:
+            found = "no .safetensors file" + (f" (pickle files {pickles} are never loaded: they can run code)" if pickles else "")
         raise FileNotFoundError(
             f"{path} holds no adapter dorakit reads: no {CONFIG_NAME} (PEFT), no {DIFFUSERS_WEIGHTS_NAME} (diffusers) "
-            + (f"and {len(files)} .safetensors files (name the one to load)." if files else
-               f"and no .safetensors file{f' (pickle files {pickles} are never loaded: they can run code)' if pickles else ''}.")
+            f"and {found}."
         )
     if path.suffix in PICKLE_SUFFIXES:
         raise ValueError(f"{path} is a pickle file, which dorakit never loads (unpickling can run code). Convert it to "

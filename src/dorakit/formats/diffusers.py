@@ -39,7 +39,8 @@ def split_component(key: str) -> tuple[str, str]:
 
 
 def component_configs(metadata: dict | None, source: str) -> dict[str, DoraConfig]:
-    """Each component's config from ``lora_adapter_metadata`` (fields prefixed "unet.", ...; none for a model's own file)."""
+    """Each component's config from ``lora_adapter_metadata`` (fields prefixed "unet.", ...; unprefixed in
+    a single model's own file, as ``save_lora_adapter`` writes it)."""
     grouped: dict[str, dict] = {}
     for key, value in (metadata or {}).items():
         component, field = split_component(key)
@@ -96,8 +97,8 @@ def diffusers_state(adapters: AdapterSet) -> tuple[dict[str, Tensor], dict]:
     tensors, metadata = {}, {}
     for component, layers in adapters.components.items():
         if component not in COMPONENTS:
-            raise ValueError(f"{adapters.source}: diffusers files name each pipeline component ({', '.join(COMPONENTS)}); "
-                             "name this adapter's (--component unet, or component='unet').")
+            raise ValueError(f"{adapters.source}: diffusers files name each pipeline component "
+                             f"({', '.join(COMPONENTS)}); name this adapter's (--component unet, or component='unet').")
         if any(layer.magnitude is not None and layer.axis != "out" for layer in layers.values()):
             raise ValueError(
                 f"{adapters.source} has DoRA magnitudes on the input axis (dora_scale [1, in]); diffusers and PEFT "

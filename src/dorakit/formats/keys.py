@@ -80,7 +80,8 @@ KOHYA_FOREIGN = {"hada_": "LoHa", "lokr_": "LoKr", "oft_": "OFT", "lora_mid.weig
                  "scalar": "a trained scalar"}
 # Module names of the original (non-diffusers) model code: SGM/LDM UNets (SDXL in kohya's sd-scripts),
 # BFL's Flux and SAI's SD3. Their files need a block map to the diffusers model, which dorakit does not have.
-KOHYA_ORIGINAL_LAYOUTS = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks", "joint_blocks")
+KOHYA_ORIGINAL_LAYOUTS = ("input_blocks", "middle_block", "output_blocks", "double_blocks", "single_blocks",
+                          "joint_blocks")
 
 # Every module name found on the path to a Linear/Conv layer of diffusers' UNet2DConditionModel, SD3 and Flux
 # transformers and transformers' CLIP and T5 text encoders: what a kohya name is decoded against when no

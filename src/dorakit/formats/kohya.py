@@ -136,8 +136,9 @@ def kohya_tensors(adapters: AdapterSet) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
     for component, layers in adapters.components.items():
         if component not in prefixes:
-            raise ValueError(f"{adapters.source}: kohya files name pipeline components (unet, transformer, text_encoder, "
-                             "text_encoder_2, text_encoder_3); name this adapter's (--component unet, or component='unet').")
+            raise ValueError(f"{adapters.source}: kohya files name pipeline components (unet, transformer, "
+                             "text_encoder, text_encoder_2, text_encoder_3); name this adapter's (--component unet, "
+                             "or component='unet').")
         for path, layer in layers.items():
             name = kohya_name(prefixes[component], path)
             out[f"{name}.{KOHYA_DOWN}"] = layer.down.contiguous()
