@@ -123,6 +123,8 @@ def test_sd3_transformer_into_diffusers_and_through_kohya(tmp_path):
     theirs = copy.deepcopy(base)
     theirs.load_lora_adapter(str(tmp_path / "diffusers"), prefix="transformer", use_safetensors=True)
     assert rel_err(sd3_out(theirs), expected) < 1e-5
+    ours = dorakit.load_adapter(copy.deepcopy(base), tmp_path / "diffusers" / DIFFUSERS_WEIGHTS_NAME)  # the file itself
+    assert rel_err(sd3_out(ours), expected) < 1e-6
     dorakit.save_kohya(model, tmp_path / "sd3.safetensors")
     with safe_open(str(tmp_path / "sd3.safetensors"), "pt") as handle:
         assert "lora_transformer_transformer_blocks_0_attn_add_k_proj.dora_scale" in handle.keys()
