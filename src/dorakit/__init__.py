@@ -10,7 +10,10 @@ from .inject import (
     trainable_parameters,
     unload,
 )
-from .formats.peft import load_adapter, read_adapter_config, save_adapter
+from .formats.detect import load_adapter
+from .formats.diffusers import save_diffusers
+from .formats.kohya import save_kohya
+from .formats.peft import read_adapter_config, save_adapter
 from .layers import AdapterLayer
 from .norm_cache import refresh_norms
 from .formats.merged import load_merged, save_merged
@@ -30,6 +33,8 @@ __all__ = [
     "read_adapter_config",
     "refresh_norms",
     "save_adapter",
+    "save_diffusers",
+    "save_kohya",
     "save_merged",
     "trainable_parameters",
     "unload",

@@ -4,6 +4,7 @@
     dorakit eval --adapter DIR [--model DIR] [--data FILE]
     dorakit generate --prompt TEXT [--adapter DIR] [--model DIR]
     dorakit merge --base DIR --adapter DIR --out DIR
+    dorakit convert SRC --to peft|diffusers|kohya --out DST [--base DIR] [--approximate]
 
 Subcommands are typed functions (and ``TrainConfig``, a dataclass); tyro builds the parsers from their
 signatures and docstrings. ``train`` layers its defaults: TrainConfig's < the embedded default's (when
@@ -18,6 +19,9 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Annotated, Literal
+
+from tyro.conf import Positional, arg
 
 from .integrations.transformers import DTypeName
 from .integrations.bitsandbytes import QuantizeName, QuantType
@@ -73,6 +77,39 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
         if requantize is not None:
             print(f"re-quantized copy: {requantize}")
     print(f"merged {layers} adapted layers of {base} with {adapter} into {out} in {time.perf_counter() - start:.1f} s")
+
+
+def convert(src: Positional[Annotated[str, arg(metavar="SRC")]], to: Literal["peft", "diffusers", "kohya"], out: str,
+            base: str | None = None, approximate: bool = False, component: str | None = None,
+            overwrite: bool = False) -> None:
+    """Convert an adapter between PEFT, diffusers and kohya/LyCORIS files, exactly or not at all.
+
+    Reads a PEFT directory, a diffusers LoRA directory or file, or a kohya/LyCORIS file (told apart by its
+    keys) and writes the same adapter in the other layout: module keys, alpha vs lora_alpha, DoRA's
+    magnitude shape and axis, conv shapes and text-encoder prefixes. A conversion no file of the target
+    layout can represent (an input-axis magnitude to PEFT or diffusers) is refused with the reason.
+
+    Args:
+        src: The adapter: a PEFT directory, a diffusers directory/file, or a kohya .safetensors file.
+        to: The layout to write.
+        out: A directory (peft, diffusers) or a .safetensors file (kohya).
+        base: The base model directory (a diffusers pipeline or model, or a transformers model): exact
+            module names for kohya files, and the base weights --approximate needs.
+        approximate: Fit an input-axis adapter to the output axis (same rank) and report the error.
+        component: The pipeline component of a single-model adapter: unet, transformer, text_encoder, ...
+        overwrite: Replace an existing output.
+    """
+    from .formats.convert import convert as run_convert
+
+    done = run_convert(src, to, out, base=base, approximate=approximate, component=component, overwrite=overwrite)
+    parts = ", ".join(f"{count} {name or 'model'}" for name, count in done.layers.items())
+    print(f"converted {done.source_layout} {src} ({parts} layers) to {to}: {', '.join(map(str, done.written))}")
+    if done.approximation:
+        worst = max(done.approximation, key=done.approximation.get)
+        mean = sum(done.approximation.values()) / len(done.approximation)
+        print(f"approximated {len(done.approximation)} input-axis layers by output-axis DoRA of the same rank: weight "
+              f"error ||W_fit - W'|| / ||W' - W0|| mean {mean:.3g}, worst {done.approximation[worst]:.3g} "
+              f"({worst[0] + '.' if worst[0] else ''}{worst[1]})")
 
 
 def evaluate(adapter: str | None = None, model: str | None = None, data: str | None = None,
@@ -296,7 +333,7 @@ def train(argv: list[str]) -> int:
 
 
 COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge": merge, "analyze": analyze,
-            "compare": compare}
+            "compare": compare, "convert": convert}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from .layers.base import check_hyperparameters
 
 BIAS_MODES = ("none", "all", "lora_only")
 DIRECTIONS = ("lora", "vera")
+MAGNITUDE_AXES = ("out", "in")
 
 
 @dataclass
@@ -51,6 +52,9 @@ class DoraConfig:
     projection_prng_key: int = 0  # VeRA: seed that regenerates the shared A and B (PEFT's field)
     save_projection: bool = True  # VeRA: store A and B in the adapter file (else regenerated from the seed)
     d_initial: float = 0.1  # VeRA: initial value of lambda_d (lambda_b starts at 0: the base model)
+    # DoRA's magnitude per output row ("out", the paper's and PEFT's) or per input column ("in": LyCORIS
+    # before 2025-04 and OneTrainer, W' = (W0 + sBA) diag(m / ||W0 + sBA||_col); see layers/input_axis.py).
+    magnitude_axis: str = "out"
 
     def __post_init__(self) -> None:
         check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
@@ -58,6 +62,10 @@ class DoraConfig:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")
         if self.direction == "vera":
             self._check_vera()
+        if self.magnitude_axis not in MAGNITUDE_AXES:
+            raise ValueError(f"magnitude_axis must be one of {MAGNITUDE_AXES}, got {self.magnitude_axis!r}.")
+        if self.magnitude_axis == "in" and (not self.use_dora or self.direction != "lora"):
+            raise ValueError("magnitude_axis='in' is DoRA's input-axis magnitude: it needs use_dora=True and direction='lora'.")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         self.target_modules = _name_list_or_regex(self.target_modules, "target_modules")

@@ -84,6 +84,7 @@ def inject_adapters(
             name=path,
             projection=projection,
             d_initial=config.d_initial,
+            magnitude_axis=config.magnitude_axis,
             fan_in_fan_out=config.fan_in_fan_out,
             r=config.rank_for(path),
             lora_alpha=config.alpha_for(path),

@@ -31,10 +31,12 @@ DEFAULT_MODULES = ("q_proj", "v_proj")  # the paper analyses the query and value
 
 
 @torch.no_grad()
-def decomposition_change(base_rows: Tensor, tuned_rows: Tensor) -> tuple[float, float]:
+def decomposition_change(base_rows: Tensor, tuned_rows: Tensor, axis: str = "out") -> tuple[float, float]:
     """(delta_m, delta_d) of ``tuned_rows`` against ``base_rows`` (both [out, in]), in fp64, chunked.
 
     A row that is zero in either weight has no direction; it counts as unchanged in direction.
+    ``axis="in"``: per input column instead, the units of DoRA's input-axis magnitude (issue 16); weights of
+    more than two dimensions (convolutions) are then grouped per input channel over their kernel positions.
 
     >>> w0 = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
     >>> decomposition_change(w0, 2 * w0)        # a pure rescale: magnitudes (5, 1) -> (10, 2)
@@ -44,6 +46,8 @@ def decomposition_change(base_rows: Tensor, tuned_rows: Tensor) -> tuple[float, 
     """
     if base_rows.shape != tuned_rows.shape:
         raise ValueError(f"Weights differ in shape: base {list(base_rows.shape)}, checkpoint {list(tuned_rows.shape)}.")
+    if axis == "in":  # columns as rows: [in, out * k] (a view for a 2-D weight)
+        base_rows, tuned_rows = (w.transpose(0, 1).reshape(w.shape[1], -1) for w in (base_rows, tuned_rows))
     dm = dd = 0.0
     for rows in row_chunks(base_rows.shape[0], base_rows.shape[1]):
         w0, w = base_rows[rows].double(), tuned_rows[rows].double()

@@ -56,6 +56,11 @@ def save_adapter(
     config = getattr(model, CONFIG_ATTR, None)
     if not isinstance(config, DoraConfig):
         raise ValueError("This model has no dorakit adapter to save; call dorakit.inject_adapters first.")
+    if config.magnitude_axis != "out":
+        # PEFT would read the magnitude as per output row: refuse rather than write a file it misreads.
+        raise ValueError("PEFT's format has DoRA's output-axis magnitude only; this adapter has magnitude_axis="
+                         f"{config.magnitude_axis!r}. Save it with dorakit.save_kohya(model, 'adapter.safetensors') "
+                         "(LyCORIS's layout: dora_scale [1, in]).")
     directory = Path(directory)
     if not overwrite and any((directory / name).exists() for name in (CONFIG_NAME, WEIGHTS_NAME)):
         raise FileExistsError(f"{directory} already holds an adapter; pass overwrite=True to replace it.")

@@ -9,6 +9,7 @@ from torch import nn
 from .base import AdapterLayer, default_adapter_dtype
 from .conv import Conv
 from .embedding import Embedding
+from .input_axis import InputAxisConv, InputAxisLinear, input_axis_class
 from .linear import Linear, is_conv1d
 from .quantized import QuantizedLinear, is_quantized_linear
 from .vera import VeraLinear, VeraProjection
@@ -37,11 +38,13 @@ def wrap_module(
     name: str = "",
     projection: VeraProjection | None = None,
     d_initial: float = 0.1,
+    magnitude_axis: str = "out",
     **kwargs,
 ) -> AdapterLayer:
     """Wrap one supported module. kwargs: r, lora_alpha, lora_dropout, use_dora, use_rslora,
     init_lora_weights, adapter_dtype (see ``AdapterLayer``). With a shared VeRA ``projection`` the
-    direction update is VeRA's (Linear and Conv1D only, as in PEFT).
+    direction update is VeRA's (Linear and Conv1D only, as in PEFT). ``magnitude_axis="in"``: one
+    magnitude per input column (``layers.input_axis``; DoRA over Linear, Conv1D and groups=1 convs).
 
     The module's type decides the layout, whatever ``fan_in_fan_out`` says; a disagreeing flag is
     corrected with a warning, as PEFT does.
@@ -52,6 +55,14 @@ def wrap_module(
             f"Module{where} already has an adapter. Call dorakit.unload(model) or dorakit.merge_and_unload(model) "
             "before adding another."
         )
+    if magnitude_axis == "in":
+        if not kwargs.get("use_dora", True) or projection is not None or is_quantized_linear(module):
+            raise ValueError(f"magnitude_axis='in'{where} is DoRA's input-axis magnitude over a LoRA pair on a "
+                             "full-precision base: it needs use_dora=True, direction='lora' and no quantization.")
+        wrapper = input_axis_class(module, name)
+        if wrapper is InputAxisLinear:
+            kwargs["fan_in_fan_out"] = is_conv1d(module)  # Conv1D stores [in, out]: the type decides
+        return wrapper(module, **kwargs)
     if is_quantized_linear(module):  # bitsandbytes' layers subclass nn.Linear: checked first
         if projection is not None:
             raise ValueError(f"Target module{where} is quantized; VeRA adapters over quantized bases are not supported.")
@@ -80,5 +91,5 @@ def wrap_module(
     )
 
 
-__all__ = ["AdapterLayer", "Conv", "Embedding", "Linear", "QuantizedLinear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection",
+__all__ = ["AdapterLayer", "Conv", "Embedding", "InputAxisConv", "InputAxisLinear", "Linear", "QuantizedLinear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection",
            "check_vera_target", "default_adapter_dtype", "is_conv1d", "is_quantized_linear", "is_supported", "wrap_module"]
