@@ -287,3 +287,15 @@ def test_norm_reads_nothing_back_to_the_host():
     with SyncProbe() as probe:
         F.dora_row_norm(w0, a, b, 2.0, chunk_elements=48)
     assert not probe.counts
+
+
+def test_compose_saves_a_half_precision_base_output_as_it_is():
+    """With fp32 adapters over a bf16 base, the base output is saved for backward in bf16 (the tensor
+    itself), never as an fp32 copy: that copy was [tokens, out] x 4 bytes of activation memory per layer."""
+    base = torch.randn(6, 5).bfloat16()
+    lora, scale = torch.randn(6, 5, requires_grad=True), torch.ones(5, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = F.dora_compose(base, lora, scale)
+    assert out.dtype == torch.float32
+    assert [(t.dtype, t.data_ptr() == base.data_ptr()) for t in saved if t.shape == base.shape] == [(torch.bfloat16, True)]

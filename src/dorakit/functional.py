@@ -254,9 +254,11 @@ def dora_compose(base_out: Tensor, lora_out: Tensor, scale: Tensor, *, base_drop
         base_dropped: x' W0^T without bias when dropout is active, else None (base_out is reused:
             no second base matmul).
     """
+    # Mixed dtypes promote inside the op: a bf16 base output is read (and saved for backward) as it
+    # is, never copied to fp32 (issue 18: an [tokens, out] fp32 copy per layer of activation memory).
     if base_dropped is None:
-        return torch.addcmul(lora_out, base_out.to(lora_out.dtype), scale)
-    return torch.addcmul(base_out + lora_out, base_dropped.to(lora_out.dtype), scale - 1)
+        return torch.addcmul(lora_out, base_out, scale)
+    return torch.addcmul(base_out + lora_out, base_dropped, scale - 1)
 
 
 def scaled_lora_B(lora_B: Tensor, scale: Tensor, scaling: float) -> Tensor:
