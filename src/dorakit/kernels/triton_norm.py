@@ -1,0 +1,126 @@
+"""Fused Triton kernel for the factored terms of DoRA's row norm (issue 18).
+
+PyTorch twin and reference: ``dorakit.functional.row_terms``. For a block of output rows, one pass
+over W0 accumulates W0_i . A_k for every k (the [out, r] product W0 @ A^T, never written out) and
+||W0_i||^2, then folds in B:
+
+    cross_i = B_i . (W0 @ A^T)_i          quad_i = B_i (A A^T) B_i^T          base_sq_i = ||W0_i||^2
+
+PyTorch reads W0 in chunks, copies each chunk to fp32 and multiplies; here a bf16 W0 is read once,
+as it is stored, and multiplied on tensor cores against A split into three bf16 parts
+(A = A_hi + A_mid + A_lo, 24 significant bits: fp32's): a product of two bf16 values is exact in fp32
+and the sums run in fp32, so the result is as accurate as the fp32 matmul it replaces, whatever
+``torch.backends.cuda.matmul.allow_tf32`` says. fp16 and fp32 weights take one fp32 dot ("ieee").
+The kernel is imported only when used (Triton is optional).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..functional import RowTerms
+
+# The rank tile holds a [rows, rank] fp32 accumulator in registers; wider adapters use PyTorch.
+MAX_RANK = 128
+SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _dot_bf16(x, y, FP32_DOT: tl.constexpr):
+    """x @ y for bf16 tiles, fp32 accumulation (a product of two bf16 values is exact in fp32). Triton's
+    CPU interpreter (3.9) multiplies bf16 tiles wrongly, so there the same exact products run as an fp32 dot."""
+    if FP32_DOT:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), input_precision="ieee")
+    return tl.dot(x, y)
+
+
+@triton.jit
+def _row_terms_kernel(
+    W, A_HI, A_MID, A_LO, B, GRAM, BASE_SQ, CROSS, QUAD,
+    n_rows, n_cols, rank, stride_row, stride_col,
+    BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr, BLOCK_RANK: tl.constexpr,
+    SPLIT_A: tl.constexpr, WANT_BASE_SQ: tl.constexpr, FP32_DOT: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    ranks = tl.arange(0, BLOCK_RANK)
+    row_ok = rows < n_rows
+    rank_ok = ranks < rank
+    weight_a = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)  # (W0 @ A^T) for these rows
+    base_sq = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_COLS):
+        cols = start + tl.arange(0, BLOCK_COLS)
+        col_ok = cols < n_cols
+        w = tl.load(W + rows[:, None] * stride_row + cols[None, :] * stride_col,
+                    mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_ROWS, BLOCK_COLS]
+        a_offsets = cols[:, None] * rank + ranks[None, :]  # A^T tile [BLOCK_COLS, BLOCK_RANK]
+        a_mask = col_ok[:, None] & rank_ok[None, :]
+        if SPLIT_A:
+            weight_a += _dot_bf16(w, tl.load(A_HI + a_offsets, mask=a_mask, other=0.0), FP32_DOT)
+            weight_a += _dot_bf16(w, tl.load(A_MID + a_offsets, mask=a_mask, other=0.0), FP32_DOT)
+            weight_a += _dot_bf16(w, tl.load(A_LO + a_offsets, mask=a_mask, other=0.0), FP32_DOT)
+        else:
+            weight_a += tl.dot(w.to(tl.float32), tl.load(A_HI + a_offsets, mask=a_mask, other=0.0),
+                               input_precision="ieee")
+        if WANT_BASE_SQ:
+            w32 = w.to(tl.float32)
+            base_sq += tl.sum(w32 * w32, axis=1)
+    b = tl.load(B + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
+    gram = tl.load(GRAM + ranks[:, None] * rank + ranks[None, :], mask=rank_ok[:, None] & rank_ok[None, :], other=0.0)
+    tl.store(CROSS + rows, tl.sum(b * weight_a, axis=1), mask=row_ok)
+    tl.store(QUAD + rows, tl.sum(tl.dot(b, gram, input_precision="ieee") * b, axis=1), mask=row_ok)
+    if WANT_BASE_SQ:
+        tl.store(BASE_SQ + rows, base_sq, mask=row_ok)
+
+
+def supports(weight_rows: Tensor, rank: int) -> bool:
+    """Whether the kernel takes this weight (a 2-D tensor of a supported dtype) at this rank."""
+    return (isinstance(weight_rows, Tensor) and weight_rows.dim() == 2 and weight_rows.dtype in SUPPORTED_DTYPES
+            and 0 < rank <= MAX_RANK)
+
+
+def _split_bf16(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """a (fp32) = hi + mid + lo, each bf16 (8 significant bits each: fp32's 24 together)."""
+    hi = a.to(torch.bfloat16)
+    rest = a - hi.float()
+    mid = rest.to(torch.bfloat16)
+    return hi, mid, (rest - mid.float()).to(torch.bfloat16)
+
+
+@torch.no_grad()
+def row_terms(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, base_sq: Tensor | None = None) -> RowTerms:
+    """The factored terms of ``functional.row_terms`` (fp32 [out] each) from one pass over ``weight_rows``.
+
+    Args:
+        weight_rows: W0 as [out, in] (bf16, fp16 or fp32; any strides).
+        lora_A: [r, in].  lora_B: [out, r].
+        base_sq: ||W0_i||^2 when already known (a frozen base's is cached); computed here otherwise.
+    Returns:
+        RowTerms(base_sq, cross, quad).
+    """
+    n_rows, n_cols = weight_rows.shape
+    rank = lora_A.shape[0]
+    device = weight_rows.device
+    a = lora_A.detach().float()
+    a_t = a.T.contiguous()  # [in, r]: the kernel reads A^T tiles along the rank
+    parts = _split_bf16(a_t) if weight_rows.dtype == torch.bfloat16 else (a_t, a_t, a_t)
+    b = lora_B.detach().float().contiguous()
+    gram = (a.double() @ a.double().T).float().contiguous()  # [r, r]; fp64 is never rounded to TF32
+    cross = torch.empty(n_rows, dtype=torch.float32, device=device)
+    quad = torch.empty_like(cross)
+    want_base_sq = base_sq is None
+    out_sq = torch.empty_like(cross) if want_base_sq else cross  # a placeholder the kernel does not touch
+    block_rank = max(16, triton.next_power_of_2(rank))
+    block_rows = 64 if block_rank <= 32 else 32
+    if n_rows:
+        grid = (triton.cdiv(n_rows, block_rows),)
+        _row_terms_kernel[grid](
+            weight_rows, *parts, b, gram, out_sq, cross, quad,
+            n_rows, n_cols, rank, weight_rows.stride(0), weight_rows.stride(1),
+            BLOCK_ROWS=block_rows, BLOCK_COLS=64, BLOCK_RANK=block_rank,
+            SPLIT_A=weight_rows.dtype == torch.bfloat16, WANT_BASE_SQ=want_base_sq,
+            FP32_DOT=weight_rows.device.type != "cuda",  # only Triton's interpreter runs CPU tensors
+        )
+    return RowTerms(out_sq if want_base_sq else base_sq.float(), cross, quad)
