@@ -28,7 +28,7 @@ def tk():
     from dorakit.kernels import triton_compose, triton_norm
 
     if not torch.cuda.is_available():
-        assert isinstance(triton_norm._row_terms_kernel, InterpretedFunction), (
+        assert isinstance(triton_norm._row_norm_kernel, InterpretedFunction), (
             "Triton was imported before TRITON_INTERPRET=1 was set: run the tests through tests/conftest.py")
     return triton_norm, triton_compose
 
@@ -45,30 +45,51 @@ def adapter(out_f, in_f, r, dtype, seed=0, zero_rows=()):
     return w0.to(dtype).to(DEVICE), a.to(DEVICE), b.to(DEVICE)
 
 
+def exact_norm(w0, a, b, s):
+    return torch.linalg.vector_norm(w0.double() + s * (b.double() @ a.double()), dim=1)
+
+
+def worst_row_error(norm, exact):
+    return ((norm.double() - exact).abs() / exact.clamp_min(1e-12)).max().item()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("out_f, in_f, r", [(37, 53, 5), (70, 130, 17), (1, 1, 1), (3, 200, 64)])
-def test_row_terms_kernel_equals_pytorch(tk, dtype, out_f, in_f, r):
+def test_row_norm_kernel_equals_pytorch_and_the_exact_norm(tk, dtype, out_f, in_f, r):
     triton_norm, _ = tk
     w0, a, b = adapter(out_f, in_f, r, dtype, zero_rows=[0] if out_f > 1 else [])
-    ours = triton_norm.row_terms(w0, a, b)
-    twin = F.row_terms(w0, a, b)
-    # Each term to fp32 rounding of the sizes it sums (the terms themselves may cancel to near 0).
-    size = (twin.base_sq.sqrt() + (b.abs() @ a.norm(dim=1))).square()
-    for name in ("base_sq", "cross", "quad"):
-        assert ((getattr(ours, name) - getattr(twin, name)).abs() <= 1e-5 * size + 1e-30).all(), name
-    given = triton_norm.row_terms(w0, a, b, base_sq=twin.base_sq)  # a cached ||W0||^2 is used as it is
-    assert torch.equal(given.base_sq, twin.base_sq) and torch.allclose(given.cross, ours.cross)
-    assert rel_err(F.dora_row_norm(w0, a, b, 1.7, terms=ours), F.dora_row_norm(w0, a, b, 1.7)) < 1e-6
+    ours = triton_norm.row_norm(w0, a, b, 1.7)
+    assert ours.dtype == torch.float32 and ours.shape == (out_f,)
+    assert worst_row_error(ours, exact_norm(w0, a, b, 1.7)) < 1e-5
+    assert rel_err(ours, F.dora_row_norm(w0, a, b, 1.7)) < 1e-6
+    base_sq = F.squared_row_norms(w0)  # a cached ||W0||^2 is used as it is
+    assert rel_err(triton_norm.row_norm(w0, a, b, 1.7, base_sq=base_sq), ours) < 1e-6
 
 
-def test_row_terms_kernel_reads_strided_views_and_empty_layers(tk):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norm_kernel_recomputes_every_cancelled_row(tk, dtype):
+    """More cancelled rows than the PyTorch twin's EXACT_ROWS: the kernel's device-side branch makes all
+    of them exact (fp64), the zero rows stay at the clamp, never NaN."""
+    triton_norm, _ = tk
+    out_f, in_f, r = 2 * F.EXACT_ROWS + 5, 40, 4
+    w0, a, b = adapter(out_f, in_f, r, torch.float32, seed=2)
+    cancelled = list(range(1, out_f, 2))
+    w0[cancelled] = -(b[cancelled] @ a) + 1e-4 * torch.randn(len(cancelled), in_f, generator=torch.Generator().manual_seed(3))
+    w0[0], b[0] = 0.0, 0.0  # a zero row with a zero update
+    w0 = w0.to(dtype)
+    ratio = F.cancellation_ratio(F.row_terms(w0, a, b), a, b, 1.0)
+    assert (ratio[cancelled] < F.CANCELLATION).sum() > F.EXACT_ROWS
+    norm = triton_norm.row_norm(w0, a, b, 1.0)
+    assert norm[0].item() == pytest.approx(F.NORM_EPS)
+    assert worst_row_error(norm[1:], exact_norm(w0, a, b, 1.0)[1:]) < 1e-5
+
+
+def test_row_norm_kernel_reads_strided_views_and_empty_layers(tk):
     triton_norm, _ = tk
     w0, a, b = adapter(24, 40, 4, torch.float32)
-    stored = w0.T.contiguous()  # [in, out], as GPT-2's Conv1D and embeddings store it
-    view = stored.T  # [out, in] view with strides (1, out)
-    assert rel_err(triton_norm.row_terms(view, a, b).cross, F.row_terms(view, a, b).cross) < 1e-6
-    empty = triton_norm.row_terms(w0[:0], a, b[:0])
-    assert empty.cross.shape == (0,) and empty.base_sq.shape == (0,)
+    view = w0.T.contiguous().T  # [out, in] view with strides (1, out), as GPT-2's Conv1D and embeddings give
+    assert rel_err(triton_norm.row_norm(view, a, b, 2.0), F.dora_row_norm(view, a, b, 2.0)) < 1e-6
+    assert triton_norm.row_norm(w0[:0], a, b[:0], 2.0).shape == (0,)
 
 
 def test_bf16_split_of_A_is_exact_to_fp32():
@@ -116,7 +137,7 @@ def test_layers_use_the_kernels_in_triton_mode_and_match_pytorch(tk, monkeypatch
     perturb_adapters(model)
     ids = torch.randint(0, 96, (2, 9), device=DEVICE)
     calls = []
-    for name in ("row_terms", "compose"):
+    for name in ("row_norm", "compose"):
         original = getattr(kernels.Dispatch, name)
         monkeypatch.setattr(kernels.Dispatch, name, staticmethod(lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a)))
     results = {}
@@ -128,7 +149,7 @@ def test_layers_use_the_kernels_in_triton_mode_and_match_pytorch(tk, monkeypatch
             out = output_of(model.train(), ids)
             out.square().mean().backward()
             results[mode] = (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
-    assert "row_terms" in calls and "compose" in calls
+    assert "row_norm" in calls and "compose" in calls
     assert rel_err(results["triton"][0], results["torch"][0]) < 1e-5
     for name, grad in results["torch"][1].items():
         assert rel_err(results["triton"][1][name], grad) < 1e-4, name
@@ -152,7 +173,7 @@ def test_convolutions_and_quantized_rows_keep_the_pytorch_path(tk):
         assert kernels.Dispatch.compose(conv_out, conv_out, torch.ones(1, 6, 1, 1)) is None
     _, triton_compose = tk
     assert not triton_compose.supports(conv_out, conv_out, torch.ones(1, 6, 1, 1))
-    assert kernels.Dispatch.row_terms(object(), torch.zeros(2, 3), torch.zeros(4, 2), None) is None
+    assert kernels.Dispatch.row_norm(object(), torch.zeros(2, 3), torch.zeros(4, 2), 1.0, None) is None
 
 
 @pytest.mark.gpu
@@ -161,6 +182,6 @@ def test_auto_mode_uses_the_kernels_on_cuda_and_not_under_compile():
     layer = dorakit.inject_adapters(nn.Sequential(nn.Linear(64, 48)).cuda().bfloat16(),
                                     dorakit.DoraConfig(r=8, target_modules=["0"]))[0]
     a, b = layer.lora_A.weight, layer.lora_B.weight
-    assert kernels.Dispatch.row_terms(layer.base_layer.weight, a, b, None) is not None
+    assert kernels.Dispatch.row_norm(layer.base_layer.weight, a, b, layer.scaling, None) is not None
     x = torch.randn(4, 64, device="cuda", dtype=torch.bfloat16)
     assert kernels.Dispatch.compose(x[:, :48], x[:, :48].float(), torch.ones(48, device="cuda")) is not None

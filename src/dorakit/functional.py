@@ -205,11 +205,10 @@ def dora_row_norm(
     base_sq: Tensor | None = None,
     chunk_elements: int | None = None,
     weight_a: Tensor | None = None,
-    terms: RowTerms | None = None,
 ) -> Tensor:
     """Per-output-row norm of ``W0 + scaling * B @ A`` without forming it (fp32 [out], no grad).
-    ``weight_a``: W0 @ A^T when already computed (see ``row_terms``); ``terms``: the factored terms
-    themselves, when a fused kernel computed them (``dorakit.kernels``).
+    ``weight_a``: W0 @ A^T when already computed (see ``row_terms``). The PyTorch twin of
+    ``dorakit.kernels.triton_norm.row_norm``.
 
     The result carries no gradient: paper section 4.3 treats the norm as a constant in backward,
     which cuts training memory (LLaMA-7B 37.3 -> 28.2 GB) at no real accuracy cost. The
@@ -222,9 +221,7 @@ def dora_row_norm(
         >>> dora_row_norm(w, a, b, 1.0)  # row 0: ||[4, 4]||; row 1: zero row, clamped
         tensor([5.6569e+00, 1.0000e-12])
     """
-    if terms is None:
-        terms = row_terms(weight_rows, lora_A, lora_B, base_sq=base_sq, chunk_elements=chunk_elements,
-                          weight_a=weight_a)
+    terms = row_terms(weight_rows, lora_A, lora_B, base_sq=base_sq, chunk_elements=chunk_elements, weight_a=weight_a)
     sq = _squared_norm(terms, scaling)
     worst = torch.topk(cancellation_ratio(terms, lora_A, lora_B, scaling), min(EXACT_ROWS, sq.shape[0]),
                        largest=False, sorted=False).indices  # [k]

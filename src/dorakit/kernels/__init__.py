@@ -2,7 +2,8 @@
 
 Two kernels, each with its PyTorch twin in ``dorakit.functional`` as the reference it is tested against:
 
-- ``triton_norm.row_terms``: the factored row-norm terms from one pass over W0 (twin: ``functional.row_terms``);
+- ``triton_norm.row_norm``: the row norm in one launch, one pass over W0, cancelled rows exact
+  (twin: ``functional.dora_row_norm``);
 - ``triton_compose.compose``: y = g * base + lora and its backward (twin: ``functional.dora_compose`` + cast).
 
 When they run (``set_mode`` / ``mode()``, or the environment variable ``DORAKIT_KERNELS``):
@@ -91,14 +92,14 @@ class Dispatch:
     """What ``dorakit.layers.base`` calls at its two hot spots; each returns None where PyTorch should run."""
 
     @staticmethod
-    def row_terms(weight_rows, lora_A: Tensor, lora_B: Tensor, base_sq: Tensor | None):
+    def row_norm(weight_rows, lora_A: Tensor, lora_B: Tensor, scaling: float, base_sq: Tensor | None):
         if not isinstance(weight_rows, Tensor) or not _use_triton(weight_rows, lora_A, lora_B):
             return None
         from . import triton_norm
 
         if not triton_norm.supports(weight_rows, lora_A.shape[0]):
             return None
-        return triton_norm.row_terms(weight_rows, lora_A, lora_B, base_sq)
+        return triton_norm.row_norm(weight_rows, lora_A, lora_B, scaling, base_sq)
 
     @staticmethod
     def compose(base_out: Tensor, lora_out: Tensor, scale: Tensor):

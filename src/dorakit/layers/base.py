@@ -29,14 +29,14 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype
 
 
-# Fused kernels for the norm's terms and the composition (issue 18). ``dorakit.kernels`` installs its
+# Fused kernels for the row norm and the composition (issue 18). ``dorakit.kernels`` installs its
 # dispatcher here (the core imports no wing); its methods return None wherever they do not apply (not
 # CUDA, no Triton, under torch.compile), and the dorakit.functional twins run instead.
 _kernels = None
 
 
 def use_kernels(dispatcher) -> None:
-    """Install the object whose ``row_terms`` and ``compose`` the layers try first (None: PyTorch only)."""
+    """Install the object whose ``row_norm`` and ``compose`` the layers try first (None: PyTorch only)."""
     global _kernels
     _kernels = dispatcher
 
@@ -243,8 +243,8 @@ class AdapterLayer(nn.Module):
 
         def compute() -> Tensor:
             rows, lora_A, lora_B, base_sq = self.base_rows(weight), self.lora_A_rows(), self.lora_B_rows(), self.base_sq_norms()
-            terms = _try_kernel("row_terms", rows, lora_A, lora_B, base_sq)
-            return F_dora.dora_row_norm(rows, lora_A, lora_B, self.scaling, base_sq=base_sq, terms=terms)
+            fused = _try_kernel("row_norm", rows, lora_A, lora_B, self.scaling, base_sq)
+            return F_dora.dora_row_norm(rows, lora_A, lora_B, self.scaling, base_sq=base_sq) if fused is None else fused
 
         return self._cached("row_norm", (weight, *self.lora_params()), compute, extra=(self.scaling,))
 
