@@ -8,15 +8,16 @@ Two kernels, each with its PyTorch twin in ``dorakit.functional`` as the referen
 
 When they run (``set_mode`` / ``mode()``, or the environment variable ``DORAKIT_KERNELS``):
 
-- ``"auto"`` (default): on CUDA tensors when Triton is installed, outside torch.compile (whose own
-  code generation fuses the PyTorch form); the PyTorch functions otherwise. Both compute the same
-  thing, so this choice changes speed, never results beyond fp32 rounding.
+- ``"auto"`` (default): on CUDA tensors of a GPU with bf16 tensor cores (compute capability 8.0+) when
+  Triton is installed, outside torch.compile (whose own code generation fuses the PyTorch form); the
+  PyTorch functions otherwise. Both compute the same thing, so this choice changes speed, never
+  results beyond fp32 rounding.
 - ``"torch"``: always the PyTorch functions.
 - ``"triton"``: the kernels wherever their shapes allow (outside torch.compile), CPU tensors included
   under Triton's interpreter (``TRITON_INTERPRET=1``, how the tests run them); an error naming the
   fix if Triton is missing or a CPU tensor comes without the interpreter.
 
-The core never imports this wing: importing ``dorakit`` installs ``dispatch`` into ``dorakit.layers.base``.
+The core never imports this wing: importing ``dorakit`` installs ``Dispatch`` into ``dorakit.layers.base``.
 """
 
 from __future__ import annotations
@@ -68,6 +69,12 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _tensor_cores(device_index: int) -> bool:
+    """bf16 tensor-core dots need compute capability 8.0 (A100, RTX 30xx) or newer."""
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
@@ -79,7 +86,7 @@ def _use_triton(*tensors: Tensor) -> bool:
         return False
     on_cuda = all(t.device.type == "cuda" for t in tensors)
     if current == "auto":
-        return on_cuda and triton_installed()
+        return on_cuda and triton_installed() and _tensor_cores(tensors[0].device.index or 0)
     if not triton_installed():
         raise ImportError(f"Kernel mode 'triton' needs Triton, which is not installed. Install it with: {INSTALL_HINT}.")
     if not on_cuda and not _interpreting():

@@ -34,7 +34,7 @@ def _compose_forward_kernel(BASE, LORA, SCALE, OUT, n_tokens, n_channels,
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < n_channels
     mask = (tokens < n_tokens)[:, None] & channel_ok[None, :]
-    offsets = tokens[:, None] * n_channels + channels[None, :]  # [BLOCK_T, BLOCK_C] of a [tokens, out] tensor
+    offsets = tokens.to(tl.int64)[:, None] * n_channels + channels[None, :]  # [BLOCK_T, BLOCK_C] of a [tokens, out] tensor
     base = tl.load(BASE + offsets, mask=mask, other=0.0).to(tl.float32)
     lora = tl.load(LORA + offsets, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(SCALE + channels, mask=channel_ok, other=0.0).to(tl.float32)
@@ -50,7 +50,7 @@ def _compose_backward_kernel(GRAD, BASE, SCALE, GRAD_BASE, GRAD_LORA, PARTIAL, n
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_ok = channels < n_channels
     mask = (tokens < n_tokens)[:, None] & channel_ok[None, :]
-    offsets = tokens[:, None] * n_channels + channels[None, :]
+    offsets = tokens.to(tl.int64)[:, None] * n_channels + channels[None, :]
     grad = tl.load(GRAD + offsets, mask=mask, other=0.0).to(tl.float32)
     if WANT_BASE:
         scale = tl.load(SCALE + channels, mask=channel_ok, other=0.0).to(tl.float32)
@@ -59,7 +59,7 @@ def _compose_backward_kernel(GRAD, BASE, SCALE, GRAD_BASE, GRAD_LORA, PARTIAL, n
         tl.store(GRAD_LORA + offsets, grad.to(GRAD_LORA.dtype.element_ty), mask=mask)
     if WANT_SCALE:
         base = tl.load(BASE + offsets, mask=mask, other=0.0).to(tl.float32)
-        tl.store(PARTIAL + block * n_channels + channels, tl.sum(grad * base, axis=0), mask=channel_ok)
+        tl.store(PARTIAL + block.to(tl.int64) * n_channels + channels, tl.sum(grad * base, axis=0), mask=channel_ok)
 
 
 def supports(base_out: Tensor, lora_out: Tensor, scale: Tensor) -> bool:

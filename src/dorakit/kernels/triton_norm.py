@@ -53,13 +53,14 @@ def _row_norm_kernel(
     rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     ranks = tl.arange(0, BLOCK_RANK)
     row_ok = rows < n_rows
+    row_offsets = rows.to(tl.int64) * stride_row  # int64: an embedding's [dim, vocab] view passes 2**31
     rank_ok = ranks < rank
     weight_a = tl.zeros((BLOCK_ROWS, BLOCK_RANK), dtype=tl.float32)  # (W0 @ A^T) for these rows
     base_sq = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
     for start in range(0, n_cols, BLOCK_COLS):
         cols = start + tl.arange(0, BLOCK_COLS)
         col_ok = cols < n_cols
-        w = tl.load(W + rows[:, None] * stride_row + cols[None, :] * stride_col,
+        w = tl.load(W + row_offsets[:, None] + cols[None, :].to(tl.int64) * stride_col,
                     mask=row_ok[:, None] & col_ok[None, :], other=0.0)  # [BLOCK_ROWS, BLOCK_COLS]
         a_offsets = cols[:, None] * rank + ranks[None, :]  # A^T tile [BLOCK_COLS, BLOCK_RANK]
         a_mask = col_ok[:, None] & rank_ok[None, :]
@@ -90,7 +91,7 @@ def _row_norm_kernel(
         for start in range(0, n_cols, BLOCK_COLS):
             cols = start + tl.arange(0, BLOCK_COLS)
             col_ok = cols < n_cols
-            direct = tl.load(W + rows[:, None] * stride_row + cols[None, :] * stride_col,
+            direct = tl.load(W + row_offsets[:, None] + cols[None, :].to(tl.int64) * stride_col,
                              mask=cancelled[:, None] & col_ok[None, :], other=0.0).to(tl.float64)
             for k in range(0, rank):  # + s B_ik A_k, term by term in fp64
                 b_k = tl.load(B + rows * rank + k, mask=cancelled, other=0.0).to(tl.float64)
@@ -135,7 +136,7 @@ def row_norm(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float
     norm = torch.empty(n_rows, dtype=torch.float32, device=weight_rows.device)
     if n_rows:
         block_rank = max(16, triton.next_power_of_2(rank))
-        block_rows = 64 if block_rank <= 32 else 32
+        block_rows = 32  # 4096 rows make 128 programs: about one per multiprocessor of an H100/H200
         _row_norm_kernel[(triton.cdiv(n_rows, block_rows),)](
             weight_rows, *parts, a, torch.linalg.vector_norm(a, dim=1), b, gram,
             norm if base_sq is None else base_sq.float().contiguous(), norm,
