@@ -126,12 +126,53 @@ def _distributed_table() -> list[str]:
     return lines + ["", f"gloo on {e['device']} ({e['device_name']}), 1 thread per process, torch {e['torch']}, {e['date']}.", ""]
 
 
+GPU_ARMS = {"dorakit_dora": "dorakit DoRA", "dorakit_dora_triton": "dorakit DoRA + Triton",
+            "dorakit_dora_compiled": "dorakit DoRA compiled", "dorakit_lora": "dorakit LoRA", "peft_dora": "PEFT DoRA",
+            "peft_lora": "PEFT LoRA"}
+
+
+def render_gpu(data: dict | None) -> list[str]:
+    """Step time, unmerged inference and peak memory tables of benchmarks/gpu.py's JSON."""
+    if data is None or data.get("dry_run"):
+        return []
+    arms = [a for a in GPU_ARMS if a in data["arms"]]
+    head = ["| model | r | batch | " + " | ".join(GPU_ARMS[a] for a in arms) + " |", "|---|---|---|" + "---|" * len(arms)]
+
+    def row(cell, cells_text):
+        return f"| {cell['model']} | {cell['r']} | {cell['batch']}x{cell['seq_len']} | " + " | ".join(cells_text) + " |"
+
+    def timing(cell, key, arm):
+        if arm in cell[key]:
+            s = cell[key][arm]
+            return f"{s['median_ms']:.1f} ms ({s['ratio_to_peft_lora']:.2f}x)"
+        return "skipped" if arm in cell["skipped"] else "not run"
+
+    def memory(cell, arm):
+        m = cell["memory"].get(arm)
+        return f"{m['peak_mb'] / 1024:.1f} GiB ({m['peak_ratio_to_peft_lora']:.3f}x)" if m else "-"
+
+    lines = [f"**GPU, bf16: training step, unmerged inference (prefill) and peak memory** — `make bench-gpu` "
+             f"({_env(data)}; {data['wall_s']:.0f} s)", ""]
+    for title, render_cell in (("Training step (forward, backward, fused AdamW)", lambda c, a: timing(c, "train", a)),
+                               ("Unmerged inference, eval forward", lambda c, a: timing(c, "inference", a)),
+                               ("Peak memory of a training step", memory)):
+        lines += [f"*{title}*", "", *head, *(row(c, [render_cell(c, a) for a in arms]) for c in data["cells"]), ""]
+    for cell in data["cells"]:
+        for arm, reason in cell["skipped"].items():
+            lines.append(f"- {cell['model']} r={cell['r']} {cell['batch']}x{cell['seq_len']}: {GPU_ARMS[arm]} skipped: {reason}")
+    lines += [f"- not measured: {c.get('model')} {c.get('r', '')} {c.get('batch', '')}x{c.get('seq_len', '')}: {c['reason']}"
+              for c in data["skipped_cells"]]
+    return lines + ["", "Median of interleaved runs, ratio to PEFT LoRA; peak = base + the arm's parameters and optimizer "
+                        "states + the largest rise of torch.cuda.max_memory_allocated during a step.", ""]
+
+
 def render() -> str:
     lines = _timing_table("Training step (forward, backward, AdamW)", ["step_llama-random", "step_smollm2"],
                           "python -m benchmarks.step --model MODEL")
     lines += _timing_table("Unmerged inference (eval, no grad)", ["inference_llama-random", "inference_smollm2"],
                            "python -m benchmarks.inference --model MODEL")
     lines += _memory_table() + _merge_table() + _inject_table() + _qdora_table() + _distributed_table()
+    lines += render_gpu(_load("gpu"))
     return "\n".join(lines).rstrip() + "\n"
 
 

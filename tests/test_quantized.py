@@ -43,18 +43,21 @@ FORMATS = {
 IDS = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A tiny LLaMA checkpoint with rows of 128 and 192 elements (whole 64-element blocks, as in every
-    real model: bitsandbytes' CPU kernels need them)."""
+def quantized_llama_dir(path):
+    """Save a tiny LLaMA checkpoint with rows of 128 and 192 elements (whole 64-element blocks, as in
+    every real model: bitsandbytes' CPU kernels need them) to ``path``; returns ``path``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=128, intermediate_size=192, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=96, tie_word_embeddings=False)
-    path = tmp_path_factory.mktemp("qllama")
     LlamaForCausalLM(cfg).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return quantized_llama_dir(tmp_path_factory.mktemp("qllama"))
 
 
 def load(path, quantization: Quantization):
@@ -87,8 +90,9 @@ def test_dequantized_rows_equal_bitsandbytes_full_dequantization(llama_dir, name
         n = full.shape[0]
         for start, stop in [(0, n), (3, 17), (n - 5, n), (1, 2)]:
             assert torch.equal(rows[start:stop], full[start:stop])
-        picked = torch.tensor([0, 7, n - 1])
+        picked = torch.tensor([n - 1, 0, 7, 7])  # any order, repeats: the norm's most cancelled rows
         assert torch.equal(rows[picked], full[picked])
+        assert torch.equal(rows.index_select(0, picked), full[picked])
 
 
 @pytest.mark.parametrize("name", sorted(FORMATS))

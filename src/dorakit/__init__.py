@@ -17,6 +17,7 @@ from .formats.peft import read_adapter_config, save_adapter
 from .layers import AdapterLayer
 from .norm_cache import refresh_norms
 from .formats.merged import load_merged, save_merged
+from . import kernels  # installs the fused-kernel dispatcher (Triton is imported only on first use)
 
 __version__ = "0.1.0"
 

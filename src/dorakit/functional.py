@@ -165,10 +165,51 @@ def grouped_terms(terms: RowTerms, group: int) -> RowTerms:
     return RowTerms(*(t.reshape(-1, group).sum(dim=1) for t in terms))  # [rows] -> [rows / group]
 
 
-# A row whose squared norm is below this fraction of the size of its factored terms has cancelled
-# (the update nearly negates the base row): fp32 rounding of the terms could then be more than
-# 1e-5 of the result, so such rows are recomputed directly, in fp64.
+# Cancellation (the update nearly negates a base row). Each factored term is rounded in fp32 relative
+# to the sizes of what it sums, and those are bounded by (||W0_i|| + |s| beta_i)^2 with
+# beta_i = sum_k |B_ik| ||A_k|| >= ||B_i A|| (Cauchy-Schwarz): the cross and quad terms are themselves
+# dot products over r that can cancel inside, which a measure built from |cross| and quad after
+# the sum misses (out=1, in=1, r=8, s=2 gave 2.6e-5 relative error while measuring 0.32; the bound
+# measures 3.5e-4). The norm's relative error is then about eps32 * sqrt(in) / (2 * ratio), with
+# ratio = ||W0_i + s B_i A||^2 / (||W0_i|| + |s| beta_i)^2: rows with ratio < CANCELLATION have cancelled.
 CANCELLATION = 1e-2
+
+# Rows recomputed directly (W0_i + s B_i A, fp64) on every call: the EXACT_ROWS of lowest ratio per
+# layer. A fixed count keeps every shape static, so the forward never reads a value back to the host
+# (issue 18: no device sync, one CUDA graph, no recompiles). Rows are exact wherever at most
+# EXACT_ROWS of a layer's rows have ratio < CANCELLATION; in training no row comes near it.
+EXACT_ROWS = 16
+
+
+def cancellation_ratio(terms: RowTerms, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """||W0_i + s B_i A||^2 / (||W0_i|| + |s| sum_k |B_ik| ||A_k||)^2, fp32 [out]: near 0 where the
+    factored terms cancel, 1 where nothing can (a zero row with a zero update)."""
+    return grouped_cancellation_ratio(terms, lora_A, lora_B, scaling, 1)
+
+
+def grouped_cancellation_ratio(terms: RowTerms, lora_A: Tensor, lora_B: Tensor, scaling: float, group: int) -> Tensor:
+    """``cancellation_ratio`` of the norms of ``group`` consecutive rows ([out / group]): the squared
+    norms and the bounds of a group's rows add up."""
+    a, b = lora_A.detach().float(), lora_B.detach().float()
+    bound = b.abs() @ torch.linalg.vector_norm(a, dim=1)  # [out]
+    size = (terms.base_sq.float().sqrt() + abs(scaling) * bound).square().reshape(-1, group).sum(dim=1)
+    sq = _squared_norm(grouped_terms(terms, group), scaling).float()
+    return torch.where(size > 0, sq / size.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(sq))
+
+
+def exact_squared_norms(weight_rows, lora_A: Tensor, lora_B: Tensor, scaling: float, rows: Tensor,
+                        chunk_elements: int | None = None) -> Tensor:
+    """||W0_i + s B_i A||^2 for the rows ``rows`` ([k] indices), computed directly in fp64 ([k]),
+    reading at most ``chunk_elements`` of them at a time. Index tensors only: nothing is read back."""
+    work = _exact_dtype(lora_A.device)
+    a = lora_A.detach().to(work)
+    parts = []
+    for part in row_chunks(rows.shape[0], weight_rows.shape[1], chunk_elements):
+        picked = rows[part]  # [p]
+        direct = weight_rows.index_select(0, picked).to(work)  # [p, in]
+        direct.addmm_(lora_B.detach().index_select(0, picked).to(work), a, alpha=scaling)
+        parts.append(direct.square().sum(dim=1))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @torch.no_grad()
@@ -186,11 +227,13 @@ def dora_row_norm(
 ) -> Tensor:
     """Per-output-row norm of ``W0 + scaling * B @ A`` without forming it (fp32 [out], no grad).
     ``weight_a``: W0 @ A^T when already computed (see ``row_terms``). ``group``: one norm per that
-    many consecutive rows ([out / group]; see ``grouped_terms``).
+    many consecutive rows ([out / group]; see ``grouped_terms``). The PyTorch twin of
+    ``dorakit.kernels.triton_norm.row_norm``.
 
     The result carries no gradient: paper section 4.3 treats the norm as a constant in backward,
-    which cuts training memory (LLaMA-7B 37.3 -> 28.2 GB) at no real accuracy cost. Rows that
-    cancelled (see ``CANCELLATION``) are recomputed from W0_i + s B_i A, only those rows.
+    which cuts training memory (LLaMA-7B 37.3 -> 28.2 GB) at no real accuracy cost. The
+    ``EXACT_ROWS`` rows that cancelled most (see ``CANCELLATION``) are recomputed directly, in fp64,
+    with static shapes: no value is read back to the host.
 
     Example:
         >>> w = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
@@ -199,19 +242,13 @@ def dora_row_norm(
         tensor([5.6569e+00, 1.0000e-12])
     """
     terms = row_terms(weight_rows, lora_A, lora_B, base_sq=base_sq, chunk_elements=chunk_elements, weight_a=weight_a)
-    cross_size = terms.cross.abs().reshape(-1, group).sum(dim=1)  # |cross| per row, summed per group
+    ratio = grouped_cancellation_ratio(terms, lora_A, lora_B, scaling, group)  # [out / group]
     terms = grouped_terms(terms, group)
     sq = _squared_norm(terms, scaling)
-    if not torch.compiler.is_compiling():
-        size = terms.base_sq + (2.0 * scaling) * cross_size + (scaling * scaling) * terms.quad
-        cancelled = sq < CANCELLATION * size
-        if bool(cancelled.any()):
-            norms = cancelled.nonzero().squeeze(1)
-            rows = (norms[:, None] * group + torch.arange(group, device=norms.device)).reshape(-1)  # their rows
-            exact = weight_rows[rows].to(torch.float64) + scaling * (
-                lora_B.detach()[rows].to(torch.float64) @ lora_A.detach().to(torch.float64)
-            )
-            sq[norms] = exact.square().reshape(len(norms), -1).sum(dim=1).to(sq.dtype)
+    worst = torch.topk(ratio, min(EXACT_ROWS, sq.shape[0]), largest=False, sorted=False).indices  # [k]
+    rows = (worst[:, None] * group + torch.arange(group, device=worst.device)).reshape(-1)  # [k * group]
+    exact = exact_squared_norms(weight_rows, lora_A, lora_B, scaling, rows, chunk_elements)
+    sq = sq.index_copy(0, worst, exact.reshape(-1, group).sum(dim=1).to(sq.dtype))
     return sq.clamp_min_(NORM_EPS * NORM_EPS).sqrt_()
 
 
@@ -236,9 +273,11 @@ def dora_compose(base_out: Tensor, lora_out: Tensor, scale: Tensor, *, base_drop
         base_dropped: x' W0^T without bias when dropout is active, else None (base_out is reused:
             no second base matmul).
     """
+    # Mixed dtypes promote inside the op: a bf16 base output is read (and saved for backward) as it
+    # is, never copied to fp32 (issue 18: an [tokens, out] fp32 copy per layer of activation memory).
     if base_dropped is None:
-        return torch.addcmul(lora_out, base_out.to(lora_out.dtype), scale)
-    return torch.addcmul(base_out + lora_out, base_dropped.to(lora_out.dtype), scale - 1)
+        return torch.addcmul(lora_out, base_out, scale)
+    return torch.addcmul(base_out + lora_out, base_dropped, scale - 1)
 
 
 def scaled_lora_B(lora_B: Tensor, scale: Tensor, scaling: float) -> Tensor:

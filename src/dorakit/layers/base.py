@@ -29,6 +29,22 @@ def default_adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
     return base_dtype
 
 
+# Fused kernels for the row norm and the composition (issue 18). ``dorakit.kernels`` installs its
+# dispatcher here (the core imports no wing); its methods return None wherever they do not apply (not
+# CUDA, no Triton, under torch.compile), and the dorakit.functional twins run instead.
+_kernels = None
+
+
+def use_kernels(dispatcher) -> None:
+    """Install the object whose ``row_norm`` and ``compose`` the layers try first (None: PyTorch only)."""
+    global _kernels
+    _kernels = dispatcher
+
+
+def _try_kernel(name: str, *args):
+    return None if _kernels is None else getattr(_kernels, name)(*args)
+
+
 def _shares_storage(a: Tensor, b: Tensor) -> bool:
     return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
@@ -226,13 +242,9 @@ class AdapterLayer(nn.Module):
         weight = self.base_weight()
 
         def compute() -> Tensor:
-            return F_dora.dora_row_norm(
-                self.base_rows(weight),
-                self.lora_A_rows(),
-                self.lora_B_rows(),
-                self.scaling,
-                base_sq=self.base_sq_norms(),
-            )
+            rows, lora_A, lora_B, base_sq = self.base_rows(weight), self.lora_A_rows(), self.lora_B_rows(), self.base_sq_norms()
+            fused = _try_kernel("row_norm", rows, lora_A, lora_B, self.scaling, base_sq)
+            return F_dora.dora_row_norm(rows, lora_A, lora_B, self.scaling, base_sq=base_sq) if fused is None else fused
 
         return self._cached("row_norm", (weight, *self.lora_params()), compute, extra=(self.scaling,))
 
@@ -274,6 +286,9 @@ class AdapterLayer(nn.Module):
             # x' = x: the base output is reused, no second base matmul (DORA.md).
             scale, scaled_b, correction = self._fused_terms(weight_b, scale)
             lora_out = self.lora_B_forward(hidden, scaled_b, correction)
+            fused = _try_kernel("compose", result, lora_out, self.channel_view(scale))
+            if fused is not None:
+                return fused
             out = F_dora.dora_compose(result, lora_out, self.channel_view(scale))
         return out.to(result.dtype)
 

@@ -53,7 +53,7 @@ def require_bitsandbytes():
 class QuantizedRows:
     """A quantized weight seen as [out, in] rows of floats, dequantized on demand.
 
-    ``rows[i:j]`` (or ``rows[index_tensor]``) dequantizes only those rows; ``.shape``, ``.device``
+    ``rows[i:j]`` (or ``rows.index_select(0, index)``) dequantizes only those rows; ``.shape``, ``.device``
     and ``.dtype`` describe the float matrix. This is all ``dorakit.functional`` reads from a base
     weight, so the factored norm and the merge run over quantized layers unchanged.
     """
@@ -121,14 +121,31 @@ class QuantizedRows:
         return self._f.dequantize_4bit(packed, sub_state)  # [stop - start, in]
 
     def __getitem__(self, rows: slice | Tensor) -> Tensor:
-        if isinstance(rows, slice):
-            start, stop, step = rows.indices(self.shape[0])
-            if step != 1:
-                raise ValueError("QuantizedRows takes contiguous row ranges.")
-            return self._rows(start, stop)
-        # A few scattered rows (the norm's cancellation check): one at a time.
-        picked = [self._rows(int(i), int(i) + 1) for i in rows.reshape(-1)]
-        return torch.cat(picked) if picked else torch.empty(0, self.shape[1], dtype=self.dtype, device=self.device)
+        if isinstance(rows, Tensor):
+            return self.index_select(0, rows)
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("QuantizedRows takes contiguous row ranges.")
+        return self._rows(start, stop)
+
+    def index_select(self, dim: int, index: Tensor) -> Tensor:
+        """The rows ``index`` ([k] on the weight's device) dequantized, [k, in]: the norm's exact
+        recomputation of its most cancelled rows. Gathered by index arithmetic on the device, so no
+        value is read back to the host (issue 18)."""
+        if dim != 0:
+            raise ValueError("QuantizedRows selects rows (dim 0) only.")
+        index = index.reshape(-1)
+        if not self.four_bit:
+            return self._f.int8_vectorwise_dequant(self._int8.index_select(0, index), self._scb.index_select(0, index))
+        state, width = self._state, self.shape[1]
+        block = state.blocksize
+        if width % block:  # as in _rows: bitsandbytes' CPU kernel needs whole blocks per row
+            return self._f.dequantize_4bit(self._packed.reshape(-1, 1), state).index_select(0, index)
+        packed = self._packed.reshape(self.shape[0], width // 2).index_select(0, index)  # [k, in / 2]
+        absmax = self._absmax_values().reshape(self.shape[0], width // block).index_select(0, index)  # [k, in / block]
+        sub_state = self._f.QuantState(absmax=absmax.reshape(-1), shape=torch.Size([index.shape[0], width]),
+                                       code=state.code, blocksize=block, quant_type=state.quant_type, dtype=state.dtype)
+        return self._f.dequantize_4bit(packed.reshape(-1, 1), sub_state)  # [k, in]
 
     def to_dense(self, dtype: torch.dtype | None = None) -> Tensor:
         """The whole dequantized weight [out, in] (for merged export), filled chunk by chunk."""
