@@ -294,3 +294,48 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+DDP_SCRIPT = """
+import json, os, sys, torch, dorakit
+from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+out = sys.argv[1]
+torch.manual_seed(0)
+base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=64))
+if int(os.environ["RANK"]) == 0:
+    base.save_pretrained(out + "/base")
+model = dorakit.inject_adapters(base, dorakit.DoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+ids = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(1))
+args = TrainingArguments(output_dir=out, max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2, save_steps=4,
+                         report_to="none", logging_steps=1, use_cpu=True)  # on CPUs, DDP needs use_cpu
+trainer = Trainer(model=model, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in ids])
+trainer.train()
+assert trainer.args.world_size == 2
+model.eval()
+with torch.no_grad():
+    logits = model(ids[:2]).logits
+torch.save(logits, f"{out}/logits-{os.environ['RANK']}.pt")
+"""
+
+
+@pytest.mark.slow
+def test_trainer_under_accelerate_ddp_saves_one_adapter_that_reloads(tmp_path):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "train.py"
+    script.write_text(DDP_SCRIPT)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", str(script),
+           str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = tmp_path / "checkpoint-4"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(checkpoint))
+    assert "model.safetensors" not in os.listdir(checkpoint)
+    from transformers import LlamaForCausalLM
+
+    ranks = [torch.load(tmp_path / f"logits-{r}.pt") for r in (0, 1)]
+    assert rel_err(ranks[1], ranks[0]) < 1e-6  # DDP kept the replicas equal
+    reloaded = dorakit.load_adapter(LlamaForCausalLM.from_pretrained(tmp_path / "base"), checkpoint).eval()
+    ids = torch.randint(0, 64, (32, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_err(reloaded(ids[:2]).logits, ranks[0]) < 1e-5
