@@ -13,6 +13,7 @@ evaluates with one (its logits leave the reloaded adapter's).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -321,3 +322,20 @@ def test_ddp_two_gloo_processes(tmp_path):
 
 if __name__ == "__main__":
     ddp_worker(os.environ["DORAKIT_DDP_OUT"])
+
+
+def test_a_model_with_filled_caches_saves_whole_and_its_copies_recompute(tmp_path):
+    """The cache keys hold weak references to storages; torch.save (pickle) and deepcopy of the model
+    still work, and the copy's first forward computes its own norms."""
+    theirs, ours = pair()
+    train(ours, DEFAULT, steps=2)
+    live = logits(ours)
+    torch.save(ours, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert rel_err(logits(loaded), live) == 0
+    assert loaded.save_pretrained.args[0] is loaded  # the transformers integration's methods follow the copy
+    copied = copy.deepcopy(ours)
+    with torch.no_grad():
+        for p in adapter_params(copied).values():
+            p.mul_(1.1)
+    assert rel_err(logits(copied), reloaded_logits(copied, tmp_path)) < 1e-5

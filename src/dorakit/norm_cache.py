@@ -73,11 +73,22 @@ def refresh_norms() -> None:
     _generation += 1
 
 
+class StorageRef(weakref.ref):
+    """A weak reference to a tensor's storage that pickles (and deep-copies) as a reference to nothing,
+    so a model holding cache keys can still be saved with ``torch.save`` or copied: the copy's first
+    forward recomputes, its storages being new anyway."""
+
+    __slots__ = ()
+
+    def __reduce__(self):
+        return (object, ())  # a fresh object, equal to no reference
+
+
 def tensor_key(t: Tensor) -> tuple:
     """What identifies the contents of ``t`` without reading them (no device sync). ``t.grad`` is read
     only for tensors that do not require grad, which are leaves, so it never warns."""
     writable = t.requires_grad or t.grad is not None
-    return (t._version, t.data_ptr(), weakref.ref(t.untyped_storage()), t.dtype, t.shape,
+    return (t._version, t.data_ptr(), StorageRef(t.untyped_storage()), t.dtype, t.shape,
             _generation if writable else None)
 
 

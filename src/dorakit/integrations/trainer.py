@@ -68,7 +68,7 @@ def attach(model: nn.Module) -> None:
     """Make a dorakit-adapted transformers model save, report and reload its adapter through
     transformers' own entry points (see the module docstring)."""
     for name, method in MODEL_METHODS.items():
-        setattr(model, name, functools.partial(method, model))  # a partial: deepcopy and pickle rebind it
+        setattr(model, name, functools.partial(method, model))  # a partial: deepcopy and torch.save rebind it
     setattr(model, FLAG, True)
     install_trainer_patch()
 
@@ -127,13 +127,11 @@ def _enable_adapters(model) -> None:
     _set_disabled(model, False)
 
 
-def _refusal(what: str):
-    def refuse(model, *args, **kwargs):
-        raise ValueError(
-            f"This model carries a dorakit adapter; transformers' {what} would put PEFT layers on top of it. "
-            "To use another adapter: dorakit.unload(model), then dorakit.load_adapter(model, directory)."
-        )
-    return refuse
+def _refuse(model, *args, what: str, **kwargs):
+    raise ValueError(
+        f"This model carries a dorakit adapter; transformers' {what} would put PEFT layers on top of it. "
+        "To use another adapter: dorakit.unload(model), then dorakit.load_adapter(model, directory)."
+    )
 
 
 MODEL_METHODS = {
@@ -142,8 +140,8 @@ MODEL_METHODS = {
     "get_adapter_state_dict": _get_adapter_state_dict,
     "enable_adapters": _enable_adapters,
     "disable_adapters": _disable_adapters,
-    **{what: _refusal(what) for what in ("load_adapter", "add_adapter", "set_adapter", "delete_adapter",
-                                         "enable_peft_hotswap")},
+    **{what: functools.partial(_refuse, what=what) for what in ("load_adapter", "add_adapter", "set_adapter",
+                                                                "delete_adapter", "enable_peft_hotswap")},
 }
 
 
