@@ -3,7 +3,7 @@
 Nothing to call: when a transformers model gets dorakit adapters (``inject_adapters``, ``load_adapter``),
 ``sync`` below teaches it the few things a stock ``Trainer`` asks of a model with adapters, and undoes
 that when the adapters are taken out (``unload``, ``merge_and_unload``). What ``Trainer`` does, and why
-each piece is needed (transformers 5.x, accelerate 1.x, TRL 1.x; issue 14):
+each piece is needed (read in transformers 5.23, accelerate 1.15 and TRL 1.16; issue 14):
 
 - ``save_model()`` and every checkpoint call ``model.save_pretrained(dir, state_dict=..., is_main_process=...)``.
   On a dorakit model that writes the adapter in PEFT's format (``adapter_config.json`` +
