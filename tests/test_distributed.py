@@ -148,3 +148,36 @@ def test_ddp_runs_full_fine_tuning_and_quantized_bases(setup, extra):
     assert done.returncode == 0, done.stderr
     assert len(metrics(out)) == 4
     assert (out / ("model" if "full" in extra else "adapter")).is_dir()
+
+
+# ---- accelerate launch (issue 14): its --multi_gpu launcher runs torchrun's, with gloo on CPUs ----
+
+def accelerate(flags: list[str], *args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "-m", "dorakit", "train", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_accelerate_launch_multi_gpu_on_cpus_trains_the_one_process_run(setup, strategy):
+    pytest.importorskip("accelerate")
+    root, args, single = setup
+    out = root / f"accelerate-{strategy}"
+    done = accelerate(["--multi_gpu", "--num_processes", "2"], *args, "--strategy", strategy,
+                      "--micro-batch-size", 2, "--output", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((out / "summary.json").read_text())["processes"] == 2
+    assert close(losses(out), losses(single)), (losses(out)[:5], losses(single)[:5])
+
+
+def test_accelerate_launch_cpu_with_several_processes_names_the_working_command(setup):
+    """accelerate's --cpu (and any launch without --multi_gpu) starts one process whatever --num_processes
+    says; training that one process would silently not be the run asked for."""
+    pytest.importorskip("accelerate")
+    root, args, _ = setup
+    done = accelerate(["--cpu", "--num_processes", "2"], *args, "--strategy", "ddp", "--output", root / "acc-cpu")
+    assert done.returncode != 0
+    assert "dorakit: error: accelerate launch without --multi_gpu" in done.stderr
+    assert "accelerate launch --multi_gpu --num_processes N -m dorakit train --strategy ddp" in done.stderr
+    assert not (root / "acc-cpu").exists()

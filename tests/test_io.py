@@ -273,3 +273,15 @@ def test_saved_files_get_the_usual_permissions(tmp_path):
     for path in [*(tmp_path / "adapter").iterdir(), tmp_path / "one.txt"]:
         assert path.stat().st_mode & 0o777 == 0o644, path  # not mkstemp's 0600
     assert (tmp_path / "dir").stat().st_mode & 0o777 == 0o755
+
+
+def test_a_save_that_fails_leaves_no_directory(tmp_path, monkeypatch):
+    """safetensors' save_file needs numpy (declared in the package metadata); without it, or on any
+    failure of a first save, no empty adapter directory is left behind (issue 14)."""
+    import sys
+
+    model = dorakit.inject_adapters(seeded(tiny_llama), dorakit.DoraConfig(r=2, target_modules=["q_proj"]))
+    monkeypatch.setitem(sys.modules, "numpy", None)  # as on an install without numpy
+    with pytest.raises(ImportError):
+        dorakit.save_adapter(model, tmp_path / "runs" / "adapter")
+    assert not (tmp_path / "runs").exists()

@@ -155,3 +155,31 @@ def test_bad_inputs_fail_before_training_with_a_clear_error(workdir, tmp_path):
         assert done.returncode == 2, (args, done.stderr)
         assert re.search(message, done.stderr + done.stdout), (message, done.stderr)
         assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_help_shows_the_defaults_of_a_run_with_data_and_what_the_demo_changes():
+    """Without --data the embedded demo runs with other defaults; --help lists a --data run's and names
+    the demo's changes (issue 14)."""
+    from dorakit.demo import DEMO_OPTIONS
+
+    sub = dorakit("train", "--help")
+    text = re.sub(r"[│╭╮╰╯─\s]+", " ", sub.stdout)  # the help table wraps its cells over lines
+    assert "--batch-size INT Global batch: examples per optimizer step. (default: 16)" in text
+    assert "--output STR Output directory: adapter/, checkpoint/, metrics.jsonl, summary.json, loss.png. (default: runs/dorakit)" in text
+    assert f"--batch-size {DEMO_OPTIONS['batch_size']}" in text and f"--lr {DEMO_OPTIONS['lr']}" in text
+    changed = [k for k, v in DEMO_OPTIONS.items() if getattr(TrainConfig(), k) != v]
+    assert all(f"--{k.replace('_', '-')} " in text.split("which changes these:")[1] for k in changed)
+
+
+def test_a_finished_run_ends_with_its_losses_and_where_its_files_are(workdir):
+    out = workdir / "closing"
+    done = dorakit("train", "--model", workdir / "model", "--data", workdir / "train.jsonl", "--output", out,
+                   "--max-steps", 2, *FAST)
+    assert done.returncode == 0, done.stderr
+    last = done.stdout.strip().splitlines()[-1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert last.startswith("dorakit train: finished 2 steps")
+    assert f"final train loss {summary['final']['loss']:.4f}" in last
+    assert f"validation loss {summary['final']['val_loss']:.4f}" in last
+    for path in (out / "adapter", out / "metrics.jsonl", out / "summary.json"):
+        assert str(path) in last

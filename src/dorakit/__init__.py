@@ -18,6 +18,10 @@ from .layers import AdapterLayer
 from .norm_cache import refresh_norms
 from .formats.merged import load_merged, save_merged
 from . import kernels  # installs the fused-kernel dispatcher (Triton is imported only on first use)
+from .inject import ADAPTER_HOOKS as _ADAPTER_HOOKS
+from .integrations import trainer as _trainer
+
+_ADAPTER_HOOKS.append(_trainer.sync)  # transformers models save and resume their adapter in Trainer (issue 14)
 
 __version__ = "0.1.0"
 

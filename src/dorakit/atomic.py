@@ -38,6 +38,22 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+def make_directories(directory: Path) -> list[Path]:
+    """``directory.mkdir(parents=True, exist_ok=True)``; returns the directories it created, outermost first."""
+    missing = [d for d in (directory, *directory.parents) if not d.exists()][::-1]
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def remove_empty(created: list[Path]) -> None:
+    """Remove the directories ``make_directories`` created, innermost first, while they are empty."""
+    for path in reversed(created):
+        try:
+            path.rmdir()
+        except OSError:  # not empty (someone else wrote there) or already gone: keep what is not ours
+            return
+
+
 def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path], None]], marker: str) -> None:
     """Write several files into ``directory`` so that readers see the old set or the new set.
 
@@ -49,7 +65,7 @@ def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path]
             either the complete old set, or no marker (which readers report), never a mix.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    created = make_directories(directory)
     staged: dict[str, Path] = {}
     try:
         for name, write in writers.items():
@@ -63,6 +79,7 @@ def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path]
     except BaseException:
         for tmp in staged.values():
             tmp.unlink(missing_ok=True)
+        remove_empty(created)  # a failed first save leaves no empty directory behind (issue 14)
         raise
     (directory / marker).unlink(missing_ok=True)
     for name, tmp in staged.items():

@@ -296,7 +296,8 @@ def train_config(argv: list[str]) -> TrainConfig:
         defaults = read_config_file(known.config, known.name)
     elif known.name:
         raise ValueError("--name chooses a configuration of a --config file; give the file too.")
-    if known.data is None and defaults.get("data") is None:
+    helping = "-h" in argv or "--help" in argv  # help lists what a run with --data gets (issue 14)
+    if known.data is None and defaults.get("data") is None and not helping:
         from .demo import DEMO_OPTIONS
 
         defaults = {**DEMO_OPTIONS, **defaults}
@@ -306,13 +307,28 @@ def train_config(argv: list[str]) -> TrainConfig:
         saved.pop("strategy", None)  # how this launch runs (torchrun or not) is for this command line to say
         defaults = {**defaults, **saved}
     base = TrainConfig(**defaults)
-    return tyro.cli(TrainConfig, args=argv, default=base, prog="dorakit train")
+    return tyro.cli(TrainConfig, args=argv, default=base, prog="dorakit train",
+                    description=train_description() if helping else None)
+
+
+def train_description() -> str:
+    """``dorakit train --help``'s text: the options' defaults are a run with --data's; this says what
+    the embedded demo (no --data) changes."""
+    from .demo import DEMO_OPTIONS
+
+    defaults = TrainConfig()
+    changed = [f"--{key.replace('_', '-')} " + ("(its tweet-sentiment prompt)" if key == "prompt_template" else str(value))
+               for key, value in DEMO_OPTIONS.items() if getattr(defaults, key) != value]
+    return (f"{TrainConfig.__doc__.strip()} The defaults below are those of a run with --data. Without --data, `dorakit "
+            f"train` runs the embedded demo (SmolLM2-135M-Instruct learns tweet sentiment), which changes these: "
+            f"{', '.join(changed)}.")
 
 
 def train(argv: list[str]) -> int:
     from .train.loop import TrainingError
 
     cfg = train_config(argv)
+    demo = cfg.data is None  # the demo prints its own closing lines
     try:
         if cfg.data is None:
             from .demo import run_default
@@ -326,6 +342,10 @@ def train(argv: list[str]) -> int:
         print(f"dorakit train: error: {err}", file=sys.stderr)
         return 1
     status = summary["status"]
+    if status == "finished" and not demo and "config" in summary:  # rank 0's summary: the one process that prints
+        from .train.report import closing_line
+
+        print(closing_line(summary), flush=True)
     for sig in (signal.SIGINT, signal.SIGTERM):
         if sig.name in status:
             return 128 + sig.value  # the shell convention for "stopped by this signal"

@@ -11,7 +11,7 @@ model exactly as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import warnings
 from contextlib import contextmanager
 
@@ -28,6 +28,10 @@ CONFIG_ATTR = "dorakit_config"
 # {parameter name: requires_grad before injection}. Names, not the tensors: holding the original
 # parameters would keep every full-size weight alive after FSDP shards the model (issue 7).
 _FLAGS_ATTR = "_dorakit_requires_grad"
+# Called with the model after its adapters were put in or taken out. An integration that must tell
+# another library about them registers here, so that the core imports no integration: dorakit/__init__
+# registers integrations.trainer, which lets transformers' Trainer save and resume the adapter (issue 14).
+ADAPTER_HOOKS: list[Callable[[nn.Module], None]] = []
 
 
 def adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
@@ -106,6 +110,8 @@ def inject_adapters(
     _freeze_all_but_adapters(model, config.bias)
     setattr(model, _FLAGS_ATTR, flags)
     setattr(model, CONFIG_ATTR, config)
+    for hook in ADAPTER_HOOKS:
+        hook(model)
     return model
 
 
@@ -174,6 +180,8 @@ def _take_out(model: nn.Module, merge: bool) -> nn.Module:
     for attr in (_FLAGS_ATTR, CONFIG_ATTR):
         if hasattr(model, attr):
             delattr(model, attr)
+    for hook in ADAPTER_HOOKS:
+        hook(model)
     return model
 
 

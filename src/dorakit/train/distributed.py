@@ -1,4 +1,5 @@
-"""Training on several processes and machines with PyTorch's own engine: ``torchrun`` launches,
+"""Training on several processes and machines with PyTorch's own engine: ``torchrun`` launches (or
+``accelerate launch --multi_gpu``, which runs torchrun's launcher and also works on CPUs),
 ``--strategy ddp`` replicates the model (DistributedDataParallel), ``--strategy fsdp`` shards it
 (FSDP2 ``fully_shard``: every parameter, frozen base weights included, split by rows across the
 processes and gathered per transformer block for its forward and backward).
@@ -98,12 +99,31 @@ def launched_processes() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def launch_commands(strategy: str) -> str:
+    """The commands that start N processes of ``dorakit train`` (both work on CPUs, with gloo)."""
+    strategy = strategy if strategy != "none" else "ddp"
+    return (f"torchrun --nproc_per_node N -m dorakit train --strategy {strategy} ... or "
+            f"accelerate launch --multi_gpu --num_processes N -m dorakit train --strategy {strategy} ...")
+
+
+def accelerate_single_process_launch() -> bool:
+    """``accelerate launch`` without ``--multi_gpu`` (``--cpu``, or no GPU on the machine) starts one
+    process whatever ``--num_processes`` says: its simple launcher sets ``ACCELERATE_USE_CPU``, and
+    ``MASTER_ADDR`` when more than one process was asked for, but no ``RANK`` (issue 14)."""
+    return "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and "RANK" not in os.environ
+
+
 def init_distributed(strategy: str) -> Dist:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA), or run alone.
+    """Join the process group torchrun (or ``accelerate launch --multi_gpu``, which runs torchrun) set
+    up (gloo on CPU, nccl on CUDA), or run alone.
 
     Raises:
-        ValueError: several processes without a strategy, or a strategy without torchrun.
+        ValueError: several processes without a strategy, a strategy without a launcher, or
+            ``accelerate launch`` asked for several processes without ``--multi_gpu`` (it starts one).
     """
+    if accelerate_single_process_launch():
+        raise ValueError("accelerate launch without --multi_gpu (e.g. with --cpu) starts a single process whatever "
+                         f"--num_processes says. For several processes, on CPUs too, run: {launch_commands(strategy)}")
     world = launched_processes()
     if strategy == "none":
         if world > 1:
@@ -111,8 +131,8 @@ def init_distributed(strategy: str) -> Dist:
                              "(replicate the model) or --strategy fsdp (shard it).")
         return Dist(device=default_device())
     if "RANK" not in os.environ or not dist.is_available():
-        raise ValueError(f"--strategy {strategy} runs under torchrun: torchrun --nproc_per_node N -m dorakit train "
-                         f"--strategy {strategy} ... (N=1 works too).")
+        raise ValueError(f"--strategy {strategy} runs under a launcher that starts the processes: "
+                         f"{launch_commands(strategy)} (N=1 works too).")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         device = torch.device("cuda", local_rank)

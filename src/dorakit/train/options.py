@@ -42,8 +42,10 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower steps)."""
     strategy: Strategy = "none"
-    """Several processes (launched by torchrun): ddp replicates the model, fsdp shards every weight
-    (FSDP2). --batch-size stays the global batch, so results do not depend on the process count."""
+    """Several processes (launched by torchrun, or accelerate launch --multi_gpu): ddp replicates the model,
+    fsdp shards every weight (FSDP2). --batch-size stays the global batch, so with --lora-dropout 0 the
+    losses are the one-process run's (to float rounding) whatever the process count. With dropout, each
+    process draws its own masks: runs agree in distribution, not step by step."""
     quantize: QuantizeName = "none"
     """Load the frozen base quantized with bitsandbytes (QLoRA / QDoRA): 4bit or 8bit (LLM.int8).
     Adapters train in fp32 over it; evaluate and merge with the same --quantize."""

@@ -85,3 +85,20 @@ def write_summary(output: Path, summary: dict[str, Any]) -> Path:
     text = json.dumps(summary, indent=2, default=str)
     atomic.write_text(output / SUMMARY_NAME, text)
     return output / SUMMARY_NAME
+
+
+def closing_line(summary: dict[str, Any]) -> str:
+    """The last line of a finished ``dorakit train``: final losses and where everything is (issue 14)."""
+    output = Path(summary["config"]["output"])
+    final = summary.get("final") or {}
+    losses = [f"final train loss {final['loss']:.4f}" if final.get("loss") is not None else "no step ran"]
+    if final.get("val_loss") is not None:
+        losses.append(f"validation loss {final['val_loss']:.4f}")
+    if final.get("val_accuracy") is not None:
+        losses.append(f"validation accuracy {final['val_accuracy']:.1%}")
+    result = (f"adapter (PEFT format) in {summary['adapter']}" if summary.get("adapter")
+              else f"model in {summary.get('model')}")
+    minutes = summary.get("train_seconds", 0) / 60
+    return (f"dorakit train: finished {summary['steps']} steps in {minutes:.1f} min; {', '.join(losses)}; {result}; "
+            f"metrics in {output / METRICS_NAME}, summary in {output / SUMMARY_NAME}"
+            + (f", loss curve in {summary['loss_plot']}" if summary.get("loss_plot") else "") + ".")
