@@ -76,6 +76,9 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     path = check_model_dir(model_dir)
     task = resolve_task(path, cfg.task)
     device = device or default_device()
+    # Seeded before loading: a classifier's new head is initialised while loading, and --seed fixes it too
+    # (unseeded, the same command trained a different model each time: issue 21's flaky accuracy test).
+    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(path, task, cfg.dtype, labels, cfg.quantization, device)
     place(model, device)
     if cfg.gradient_checkpointing:
