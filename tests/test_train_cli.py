@@ -144,11 +144,14 @@ def test_bad_inputs_fail_before_training_with_a_clear_error(workdir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "red sky", "label": "warm"}\n{"text": "blue", \n', encoding="utf-8")
     (tmp_path / "empty_model").mkdir()
     (tmp_path / "empty_model" / "config.json").write_text((model / "config.json").read_text())
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF")
     cases = [
         (("--model", model, "--data", tmp_path / "missing.jsonl"), "Data file .*missing.jsonl does not exist"),
         (("--model", model, "--data", tmp_path / "bad.jsonl"), "bad.jsonl:2: not valid JSON"),
         (("--model", tmp_path / "empty_model", "--data", data), "has a config but no weights"),
         (("--model", tmp_path / "nowhere", "--data", data), "Model directory .*nowhere does not exist"),
+        (("--model", tmp_path / "model.Q4_1.gguf", "--data", data),
+         "model.Q4_1.gguf is a GGUF file .*not a transformers checkpoint directory. Convert it once .*convert_gguf"),
         (("--model", model, "--data", data, "--target-modules", "qkv_proj"), "No module matched.*q_proj"),
         (("--model", model, "--data", data, "--max-length", 3), "no example has a target token within --max-length 3"),
         (("--model", model, "--data", data, "--max-step", 3), "Perhaps you meant"),
