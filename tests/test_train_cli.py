@@ -137,6 +137,13 @@ def test_classification_head_trains_and_evaluates(workdir, tmp_path):
     assert result.returncode == 0, result.stderr
     scored = json.loads(result.stdout)
     assert scored["rank_accuracy"] >= max(0.6, scored["majority_baseline"] + 0.15)  # 60 examples
+    # A file without one of the classes: the head's classes come from the run's record, not the file
+    # (which gave a 2-class head, refused as a shape mismatch).
+    from dorakit.train.inference import evaluate_file
+
+    two = write_jsonl(tmp_path / "two.jsonl", [r for r in colour_records(60, seed=1) if r["label"] != "plain"])
+    partial = evaluate_file(model, two, out / "adapter", log=None)
+    assert partial["labels"] == ["cold", "plain", "warm"] and partial["rank_accuracy"] >= 0.6
 
 
 def test_bad_inputs_fail_before_training_with_a_clear_error(workdir, tmp_path):
