@@ -74,6 +74,8 @@ def test_context_target_data_gets_label_accuracy_over_the_trained_labels(runs):
     # Trained well above chance (seeds 0-3: 0.75-1.0; majority 0.52); an untrained adapter ranks ~1/3.
     assert both["rank_accuracy"] >= 0.7 and both["generate_accuracy"] >= 0.7 and both["unparsed"] == 0
     assert "notes" not in both and len(lines) == 1
+    assert set(both["rank_accuracy_per_label"]) == {"cold", "warm"}
+    assert min(both["rank_accuracy_per_label"].values()) <= both["rank_accuracy"] <= max(both["rank_accuracy_per_label"].values())
     assert "context/target data (prompt: context; trained: target; labels from target: cold, warm)" in lines[0]
     assert "2.0 trained tokens each" in lines[0]
     three, _ = evaluate(runs, "fin", "fin_test3.jsonl")

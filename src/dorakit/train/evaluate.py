@@ -75,8 +75,15 @@ def answerable(examples: list[Example], labels: list[str]) -> tuple[list[Example
     return [e for e in examples if e.label in labels], dict(unseen)
 
 
-def _result(correct: int, scored: list[Example], unseen: dict[str, int], **extra) -> dict:
-    return {"accuracy": correct / len(scored) if scored else None, "examples": len(scored), "unseen": unseen, **extra}
+def _result(answers: list[str | None], scored: list[Example], unseen: dict[str, int], **extra) -> dict:
+    """Accuracy of ``answers`` (one per scored example), overall and per true label (a model that never
+    answers a rare label shows it there)."""
+    per_label = {}
+    for label in sorted({e.label for e in scored}):
+        rows = [a == e.label for a, e in zip(answers, scored) if e.label == label]
+        per_label[label] = sum(rows) / len(rows)
+    accuracy = sum(a == e.label for a, e in zip(answers, scored)) / len(scored) if scored else None
+    return {"accuracy": accuracy, "per_label": per_label, "examples": len(scored), "unseen": unseen, **extra}
 
 
 @torch.no_grad()
@@ -91,23 +98,23 @@ def rank_accuracy(setup: EvalSetup, examples: list[Example], labels: list[str]) 
     model, tok = setup.model, setup.tokenizer
     scored, unseen = answerable(examples, labels)
     if not scored:
-        return _result(0, scored, unseen)
+        return _result([], scored, unseen)
     was_training = model.training
     model.eval()
     if setup.task == "classification":
         label_ids = {name: i for i, name in enumerate(labels)}
         items = [encode(e, tok, setup.max_length, label_ids) for e in scored]
-        correct = 0
+        answers = []
         for chunk in _chunks(items, setup.batch_size):
             batch = setup.batch(chunk)
             with autocast(setup.device, setup.autocast):
                 logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            answers += [labels[i] for i in logits.argmax(-1).tolist()]
         model.train(was_training)
-        return _result(correct, scored, unseen)
+        return _result(answers, scored, unseen)
     unplaced = sum(e.label_span is None for e in scored)
     scored = [e for e in scored if e.label_span is not None]
-    correct = 0
+    answers = []
     for chunk in _chunks(scored, setup.batch_size):
         prompts = [token_ids(tok, e.prompt) for e in chunk]
         # targets[i][j]: tokens of example i's target with label j in place of its own
@@ -118,9 +125,9 @@ def rank_accuracy(setup: EvalSetup, examples: list[Example], labels: list[str]) 
             scores = torch.stack([_sequence_scores(setup, prompts, [row[j] for row in targets], setup.selective)
                                   for j in range(len(labels))], 1)
         picked = scores.argmax(1).tolist()  # (examples,) index of the most likely label
-        correct += sum(labels[p] == e.label for p, e in zip(picked, chunk))
+        answers += [labels[p] for p in picked]
     model.train(was_training)
-    return _result(correct, scored, unseen, unplaced=unplaced)
+    return _result(answers, scored, unseen, unplaced=unplaced)
 
 
 def _next_token_scores(setup: EvalSetup, prompts: list[list[int]], targets: list[list[list[int]]],
@@ -162,12 +169,12 @@ def generation_accuracy(setup: EvalSetup, examples: list[Example], labels: list[
     model, tok = setup.model, setup.tokenizer
     examples, unseen = answerable(examples, labels)
     if not examples:
-        return {**_result(0, examples, unseen), "unparsed": 0}
+        return {**_result([], examples, unseen), "unparsed": 0}
     if max_new_tokens is None:
         max_new_tokens = max(len(token_ids(tok, e.target, False)) for e in examples) + 2
     was_training = model.training
     model.eval()
-    correct = unparsed = 0
+    answers = []
     for chunk in _chunks(examples, setup.batch_size):
         # Left padding, so every prompt ends where generation starts.
         prompts = [token_ids(tok, e.prompt) for e in chunk]
@@ -181,8 +188,6 @@ def generation_accuracy(setup: EvalSetup, examples: list[Example], labels: list[
             out = model.generate(input_ids=ids.to(setup.device), attention_mask=mask.to(setup.device),
                                  max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
         for row, example in enumerate(chunk):
-            answer = extract_answer(tok.decode(out[row, width:], skip_special_tokens=True), labels)
-            unparsed += answer is None
-            correct += answer == example.label
+            answers.append(extract_answer(tok.decode(out[row, width:], skip_special_tokens=True), labels))
     model.train(was_training)
-    return _result(correct, examples, unseen, unparsed=unparsed)
+    return _result(answers, examples, unseen, unparsed=sum(a is None for a in answers))

@@ -58,7 +58,8 @@ def evaluate_file(model_dir: str | Path, data: str | Path, adapter: str | Path |
         log: receives, before any evaluation, how the data was read and where this evaluation differs
             from the run (the latter also returned under "notes"); None: silent.
     Returns:
-        examples, shape, loss, perplexity, rank_accuracy / generate_accuracy (and unparsed),
+        examples, shape, loss, perplexity, rank_accuracy / generate_accuracy (with unparsed and the
+        accuracy per true label),
         majority_baseline, labels (the candidates), scored_examples, and notes when there are any.
     """
     record = read_record(adapter if adapter is not None else model_dir)
@@ -85,10 +86,11 @@ def evaluate_file(model_dir: str | Path, data: str | Path, adapter: str | Path |
         result.update(evaluate_loss(setup, items))
     if dataset.labels and accuracy in ("rank", "both"):
         ranked = rank_accuracy(setup, dataset.examples, labels)
-        result["rank_accuracy"] = ranked["accuracy"]
+        result["rank_accuracy"], result["rank_accuracy_per_label"] = ranked["accuracy"], ranked["per_label"]
     if dataset.labels and accuracy in ("generate", "both") and task != "classification":
         found = generation_accuracy(setup, dataset.examples, labels, max_new_tokens)
         result["generate_accuracy"], result["unparsed"] = found["accuracy"], found["unparsed"]
+        result["generate_accuracy_per_label"] = found["per_label"]
     if scored:
         result["majority_baseline"] = max(sum(e.label == n for e in scored) for n in labels) / len(scored)
         result.update(labels=labels, scored_examples=len(scored))
