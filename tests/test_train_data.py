@@ -40,6 +40,9 @@ def test_csv_json_and_field_map(tmp_path):
     ds = load_dataset(tmp_path / "d.csv", field_map={"sentiment": "label"}, prompt_template="Tweet: {text}\nSentiment:")
     assert ds.shape == "label" and ds.labels == ["cold", "warm"]
     assert ds.examples[1].prompt == "Tweet: blue sea\nSentiment:" and ds.examples[1].target == " cold"
+    finlora = "Answer from {warm/cold} or {{x}}.\nInput: {text}\nAnswer:"  # literal braces stay; {{ }} escapes
+    ds = load_dataset(tmp_path / "d.csv", field_map={"sentiment": "label"}, prompt_template=finlora)
+    assert ds.examples[1].prompt == "Answer from {warm/cold} or {x}.\nInput: blue sea\nAnswer:"
     (tmp_path / "d.json").write_text(json.dumps([{"context": "a", "target": "b"}]), encoding="utf-8")
     assert load_dataset(tmp_path / "d.json").shape == "context"
 

@@ -321,9 +321,17 @@ def _format(shape: str, record: dict[str, Any], where: str, template: str | None
     if shape == "label":
         label = _text(record, "label", where).strip()
         text = _text(record, "text", where)
-        prompt = (template or DEFAULT_LABEL_PROMPT).format(text=text)
+        prompt = (template or DEFAULT_LABEL_PROMPT).format_map(_OnlyText(text=text))
         return _with_label(Example(prompt, join_target(prompt, label), where, text=text))
     return Example("", _text(record, "text", where), where)
+
+
+class _OnlyText(dict):
+    """Template fields other than {text} stay as written: FinLoRA's prompts hold literal braces
+    ("choose an answer from {negative/neutral/positive}"), which str.format refused with a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
 
 
 def _with_label(example: Example) -> Example:
