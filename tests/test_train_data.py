@@ -152,13 +152,15 @@ def test_a_complete_field_map_and_the_data_line(tmp_path):
     path = write_jsonl(tmp_path / "fin.jsonl", FIN)
     ds = load_dataset(path, field_map={"context": "text", "target": "label"}, prompt_template="{text}\n=")
     assert ds.shape == "label" and ds.labels == ["negative", "positive"] and ds.ignored == ["id"]
-    assert describe(ds, [2, 2, 3]) == (
+    assert describe(ds, [2, 2, 3] * 2) == (
         f"{path}: text/label data (prompt: text in the template '{{text}}\\n='; trained: label; "
         "labels: negative, positive); field map context->text, target->label; 6 examples, 2.3 trained tokens "
         "each (2-3); ignored fields: id")
-    line = describe(load_dataset(path), [2] * 6)
+    line = describe(load_dataset(path), [2] * 5)
     assert line.startswith(f"{path}: context/target data (prompt: context; trained: target; labels from target: "
                            "negative, positive); 6 examples")
+    assert line.endswith(", 2.0 trained tokens each (2-2), 1 dropped by --max-length (no target token left); "
+                         "ignored fields: id") and describe(load_dataset(path), [2] * 5).count("dropped") == 1
     free = write_jsonl(tmp_path / "free.jsonl", [{"instruction": "Say hi", "output": "hello there, how are you"}])
     assert "instruction/output data (prompt: instruction in the Alpaca template; trained: output; free-text " \
            "targets, not label-style)" in describe(load_dataset(free), [7])

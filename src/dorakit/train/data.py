@@ -243,9 +243,13 @@ def shape_name(shape: str) -> str:
     return "/".join(SHAPES[shape]) if shape != "text" else "plain text"
 
 
-def describe(dataset: Dataset, trained_tokens: list[int]) -> str:
+def describe(dataset: Dataset, trained_tokens: list[int], dropped: int | None = None) -> str:
     """One line saying how a file was read: its shape, what each field became, the field map, the
-    labels and the trained tokens per example (issue 21: nothing printed which shape was detected)."""
+    labels and the trained tokens per example (issue 21: nothing printed which shape was detected).
+
+    Args:
+        trained_tokens: per encoded example. dropped: examples truncation left nothing to train in
+            (None: those of the file without an entry in ``trained_tokens``)."""
     prompt = [f for f in dataset.fields if f in ("instruction", "input", "context", "prompt", "text")]
     trained = [f for f in dataset.fields if f in ("output", "target", "completion", "label", "messages")]
     if dataset.shape == "text":
@@ -273,6 +277,9 @@ def describe(dataset: Dataset, trained_tokens: list[int]) -> str:
     if trained_tokens:
         mean = sum(trained_tokens) / len(trained_tokens)
         line += f", {mean:.1f} trained tokens each ({min(trained_tokens)}-{max(trained_tokens)})"
+        dropped = len(dataset.examples) - len(trained_tokens) if dropped is None else dropped
+        if dropped > 0:
+            line += f", {dropped} dropped by --max-length (no target token left)"
     if dataset.ignored:
         line += f"; ignored fields: {', '.join(dataset.ignored)}"
     return line

@@ -78,7 +78,8 @@ def evaluate_file(model_dir: str | Path, data: str | Path, adapter: str | Path |
         items = encode_all(dataset, tokenizer, options.max_length)
     notes = _notes(options.notes, record, dataset, labels, unseen, accuracy, task)
     if log is not None:
-        log(f"dorakit eval: data {describe(dataset, [x.target_tokens for x in items])}")
+        dropped = (len(scored) if task == "classification" else len(dataset.examples)) - len(items)
+        log(f"dorakit eval: data {describe(dataset, [x.target_tokens for x in items], dropped)}")
         for note in notes:
             log(f"dorakit eval: note: {note}")
     result: dict = {"examples": len(dataset.examples), "shape": dataset.shape}
