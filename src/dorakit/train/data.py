@@ -17,6 +17,7 @@ recognised in every shape that can carry it (see labels.py), so evaluation can r
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import re
 from dataclasses import dataclass, field
@@ -209,8 +210,6 @@ def _map_text(field_map: dict[str, str]) -> str:
 
 def check_field_map(field_map: dict[str, str], present: set[str], path) -> None:
     """Every old name must be a field of the file, and no new name may overwrite a field the map keeps."""
-    import difflib
-
     for old, new in field_map.items():
         if old not in present:
             near = difflib.get_close_matches(old, sorted(present), n=1, cutoff=0.6)
