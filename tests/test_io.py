@@ -203,6 +203,24 @@ def test_bad_adapters_raise_clear_errors_and_change_nothing(tmp_path, edit_file,
     assert untouched(model, base)
 
 
+def test_an_adapter_on_the_wrong_base_model_gets_a_short_error_naming_its_base(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, directory = saved_adapter(tmp_path, base_model_name_or_path="models/tiny-llama-2-layers")
+    base = seeded(tiny_llama)
+    deeper = LlamaForCausalLM(LlamaConfig(**{**base.config.to_dict(), "num_hidden_layers": 3}))
+    wider = LlamaForCausalLM(LlamaConfig(**{**base.config.to_dict(), "hidden_size": 48}))
+    for model, problem in ((deeper, "2 adapted layer(s) of this model have no tensors in the file"),
+                           (wider, "shape mismatch(es)")):
+        with pytest.raises(ValueError) as raised:
+            dorakit.load_adapter(model, directory)
+        message = str(raised.value)
+        assert problem in message and "DoRA magnitudes" not in message  # whole layers, not magnitudes, are missing
+        assert message.endswith("The adapter was trained on models/tiny-llama-2-layers (adapter_config.json): "
+                                "use that model (--model models/tiny-llama-2-layers).")
+        assert len(message) < 600  # the two kinds of problem, two keys each, and the fix
+
+
 def test_unreadable_files_and_directories(tmp_path):
     base, directory = saved_adapter(tmp_path)
     model = copy.deepcopy(base)

@@ -130,10 +130,20 @@ def test_classification_head_trains_and_evaluates(workdir, tmp_path):
     assert done.returncode == 0, done.stderr
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
-    assert metrics(out)[-1]["val_accuracy"] >= 0.75  # 48 examples, chance 1/3
+    # The run is a function of its seed (the new head included: it was unseeded, which made this test
+    # flaky); seeds 0-6 gave validation 0.79-0.98 and test 0.72-0.97 here, an untrained head ~1/3.
+    assert metrics(out)[-1]["val_accuracy"] >= 0.7  # 48 examples, chance 1/3
     result = dorakit("eval", "--model", model, "--adapter", out / "adapter", "--data", workdir / "test.jsonl")
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["rank_accuracy"] >= 0.7
+    scored = json.loads(result.stdout)
+    assert scored["rank_accuracy"] >= max(0.6, scored["majority_baseline"] + 0.15)  # 60 examples
+    # A file without one of the classes: the head's classes come from the run's record, not the file
+    # (which gave a 2-class head, refused as a shape mismatch).
+    from dorakit.train.inference import evaluate_file
+
+    two = write_jsonl(tmp_path / "two.jsonl", [r for r in colour_records(60, seed=1) if r["label"] != "plain"])
+    partial = evaluate_file(model, two, out / "adapter", log=None)
+    assert partial["labels"] == ["cold", "plain", "warm"] and partial["rank_accuracy"] >= 0.6
 
 
 def test_bad_inputs_fail_before_training_with_a_clear_error(workdir, tmp_path):
@@ -141,11 +151,14 @@ def test_bad_inputs_fail_before_training_with_a_clear_error(workdir, tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "red sky", "label": "warm"}\n{"text": "blue", \n', encoding="utf-8")
     (tmp_path / "empty_model").mkdir()
     (tmp_path / "empty_model" / "config.json").write_text((model / "config.json").read_text())
+    (tmp_path / "model.Q4_1.gguf").write_bytes(b"GGUF")
     cases = [
         (("--model", model, "--data", tmp_path / "missing.jsonl"), "Data file .*missing.jsonl does not exist"),
         (("--model", model, "--data", tmp_path / "bad.jsonl"), "bad.jsonl:2: not valid JSON"),
         (("--model", tmp_path / "empty_model", "--data", data), "has a config but no weights"),
         (("--model", tmp_path / "nowhere", "--data", data), "Model directory .*nowhere does not exist"),
+        (("--model", tmp_path / "model.Q4_1.gguf", "--data", data),
+         "model.Q4_1.gguf is a GGUF file .*not a transformers checkpoint directory. Convert it once .*convert_gguf"),
         (("--model", model, "--data", data, "--target-modules", "qkv_proj"), "No module matched.*q_proj"),
         (("--model", model, "--data", data, "--max-length", 3), "no example has a target token within --max-length 3"),
         (("--model", model, "--data", data, "--max-step", 3), "Perhaps you meant"),

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from dorakit.train.batches import IGNORE, collate, encode, encode_all, split, stream_indices
-from dorakit.train.data import ALPACA, load_dataset
+from dorakit.train.data import ALPACA, describe, load_dataset
 
 from .train_assets import colour_records, make_tokenizer, write_jsonl
 
@@ -40,6 +40,9 @@ def test_csv_json_and_field_map(tmp_path):
     ds = load_dataset(tmp_path / "d.csv", field_map={"sentiment": "label"}, prompt_template="Tweet: {text}\nSentiment:")
     assert ds.shape == "label" and ds.labels == ["cold", "warm"]
     assert ds.examples[1].prompt == "Tweet: blue sea\nSentiment:" and ds.examples[1].target == " cold"
+    finlora = "Answer from {warm/cold} or {{x}}.\nInput: {text}\nAnswer:"  # literal braces stay; {{ }} escapes
+    ds = load_dataset(tmp_path / "d.csv", field_map={"sentiment": "label"}, prompt_template=finlora)
+    assert ds.examples[1].prompt == "Answer from {warm/cold} or {x}.\nInput: blue sea\nAnswer:"
     (tmp_path / "d.json").write_text(json.dumps([{"context": "a", "target": "b"}]), encoding="utf-8")
     assert load_dataset(tmp_path / "d.json").shape == "context"
 
@@ -125,3 +128,39 @@ def test_collate_pads_right_and_ignores_padding(tmp_path, tok):
     for row, n in enumerate(lengths):
         assert (batch["labels"][row, n:] == IGNORE).all()
         assert (batch["input_ids"][row, n:] == tok.pad_token_id).all()
+
+
+FIN = [{"context": f"News: item {i}\nAnswer:", "target": ["positive", "negative"][i % 2], "id": i} for i in range(6)]
+
+
+@pytest.mark.parametrize(
+    "field_map, message",
+    [
+        ({"contxt": "text"}, "--field-map contxt text: .*has no field 'contxt' .*did you mean 'context'\\? fix the name"),
+        # a partial map turned context/target data into plain text and dropped the target, exit 0 (issue 21)
+        ({"context": "text"}, "--field-map context text: .* reads as plain text data and its 'target' field would be "
+                              "ignored, not trained; .*also --field-map target label"),
+        ({"context": "target"}, "already has a 'target' field, which this mapping would overwrite"),
+    ],
+)
+def test_field_maps_that_name_no_field_or_drop_one_are_errors(tmp_path, field_map, message):
+    with pytest.raises(ValueError, match=message):
+        load_dataset(write_jsonl(tmp_path / "fin.jsonl", FIN), field_map=field_map)
+
+
+def test_a_complete_field_map_and_the_data_line(tmp_path):
+    path = write_jsonl(tmp_path / "fin.jsonl", FIN)
+    ds = load_dataset(path, field_map={"context": "text", "target": "label"}, prompt_template="{text}\n=")
+    assert ds.shape == "label" and ds.labels == ["negative", "positive"] and ds.ignored == ["id"]
+    assert describe(ds, [2, 2, 3] * 2) == (
+        f"{path}: text/label data (prompt: text in the template '{{text}}\\n='; trained: label; "
+        "labels: negative, positive); field map context->text, target->label; 6 examples, 2.3 trained tokens "
+        "each (2-3); ignored fields: id")
+    line = describe(load_dataset(path), [2] * 5)
+    assert line.startswith(f"{path}: context/target data (prompt: context; trained: target; labels from target: "
+                           "negative, positive); 6 examples")
+    assert line.endswith(", 2.0 trained tokens each (2-2), 1 dropped by --max-length (no target token left); "
+                         "ignored fields: id") and describe(load_dataset(path), [2] * 5).count("dropped") == 1
+    free = write_jsonl(tmp_path / "free.jsonl", [{"instruction": "Say hi", "output": "hello there, how are you"}])
+    assert "instruction/output data (prompt: instruction in the Alpaca template; trained: output; free-text " \
+           "targets, not label-style)" in describe(load_dataset(free), [7])

@@ -69,6 +69,22 @@ def _losses(root, name, **options):
     return [json.loads(line)["loss"] for line in (root / name / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_a_new_classifier_head_is_seeded_by_the_run(tmp_path):
+    """The head a classifier gets for the data's labels is initialised while loading: --seed must fix
+    it, whatever the global RNG held before (unseeded, one command trained different models each time)."""
+    from dorakit.train.model import load_for_training
+
+    model_dir = make_model_dir(tmp_path / "clf", kind="classifier")  # a 2-class head; 3 labels give a new one
+    cfg = TrainConfig(model=str(model_dir), data="unused", seed=3)
+    heads = []
+    for before in (0, 1):
+        torch.manual_seed(before)
+        model = load_for_training(cfg, model_dir, ["cold", "plain", "warm"]).model
+        heads.append({k: v.clone() for k, v in model.state_dict().items() if "score" in k})
+    assert heads[0] and heads[0].keys() == heads[1].keys()
+    assert all(torch.equal(heads[0][k], heads[1][k]) for k in heads[0])
+
+
 def test_accumulation_and_checkpointing_give_the_same_steps(tiny_run):
     whole = _losses(tiny_run, "whole")
     accumulated = _losses(tiny_run, "accumulated", micro_batch_size=2)

@@ -190,3 +190,30 @@ def test_full_fine_tuning_resumes_exactly_and_its_checkpoints_analyse(setup, tmp
     assert analysed.returncode == 0, analysed.stderr
     rows = (tmp_path / "analysis" / "analysis.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 2 * 2 and all(",full,"in r for r in rows[1:])
+
+
+def test_class_balanced_sampling_resumes_exactly_and_the_imbalance_is_said(tmp_path, capsys):
+    from dorakit.train import TrainConfig, run
+
+    make_model_dir(tmp_path / "model")
+    records = colour_records(120, seed=3)
+    rare = [r for r in records if r["label"] == "cold"][:4]  # 4 cold against ~40 of each other label
+    write_jsonl(tmp_path / "train.jsonl", [r for r in records if r["label"] != "cold"] + rare)
+    common = dict(model=str(tmp_path / "model"), data=str(tmp_path / "train.jsonl"), batch_size=6, micro_batch_size=3,
+                  lr=3e-3, lora_dropout=0.1, max_steps=10, eval_every=5, save_every=5, val_fraction=0.1, progress=False,
+                  balance_labels=True)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    run(TrainConfig(output=str(whole), **common))
+    printed = capsys.readouterr().out
+    assert "data " + str(tmp_path / "train.jsonl") + ": text/label data (prompt: text in the template" in printed
+    assert "dorakit train: labels of the 83 training examples: plain 42 (50.6%), warm 38 (45.8%), cold 3 (3.6%)" in printed
+    assert "dorakit train: --balance-labels: each label is drawn 1/3 of the time" in printed
+    run(TrainConfig(output=str(tmp_path / "plain"), **{**common, "balance_labels": False, "max_steps": 2}))
+    printed = capsys.readouterr().out
+    assert "warning: strong label imbalance: 'plain' has 14.0x the examples of 'cold' (3 of 83)" in printed
+    assert [m["loss"] for m in metrics(tmp_path / "plain")] != [m["loss"] for m in metrics(whole)][:2]  # another order
+    run(TrainConfig(output=str(cut), **common))
+    for name in ("summary.json", "adapter"):  # as if it had died after the checkpoint of step 5
+        subprocess.run(["rm", "-r", str(cut / name)], check=True)
+    run(TrainConfig(output=str(cut), resume=True, **common))
+    assert_same_run(whole, cut)

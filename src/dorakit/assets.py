@@ -46,18 +46,41 @@ def smollm2_path() -> Path:
     source = _package_dir(SMOLLM2_PACKAGE, SMOLLM2_INSTALL)
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Converting SmolLM2 from GGUF needs the 'gguf' package. Install it with: {SMOLLM2_INSTALL}")
+    return convert_gguf(source / SMOLLM2_GGUF, target, overwrite=True)
+
+
+def convert_gguf(gguf_file: str | os.PathLike, target: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write a GGUF file (llama.cpp's format) as a plain fp32 transformers checkpoint with its tokenizer.
+
+    transformers reads GGUF (with the ``gguf`` package) but flags the model as quantized, and such a model
+    refuses ``save_pretrained``; rebuilt from its config with the dequantized weights, it saves.
+
+    Args:
+        gguf_file: the .gguf file (an architecture transformers can read from GGUF).
+        target: the checkpoint directory to write (whole, then renamed into place).
+        overwrite: replace a non-empty ``target``.
+    Returns:
+        ``target``, for ``--model``.
+
+    Example::
+
+        python -c "from dorakit.assets import convert_gguf; convert_gguf('model.gguf', 'model-hf')"
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("Reading a GGUF file needs the 'gguf' package: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    quantized = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    gguf_file = Path(gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights below are already dequantized to fp32
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict())
     plain.generation_config = quantized.generation_config
-    with atomic.new_directory(target, overwrite=True, what="cached model") as tmp:
+    with atomic.new_directory(target, overwrite=overwrite, what="converted model") as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return target
+    return Path(target)

@@ -114,23 +114,28 @@ def convert(src: Positional[Annotated[str, arg(metavar="SRC")]], to: Literal["pe
 
 def evaluate(adapter: str | None = None, model: str | None = None, data: str | None = None,
              accuracy: AccuracyMode = "rank", max_examples: int | None = None, batch_size: int = 16,
-             max_length: int = 512, prompt_template: str | None = None, field_map: dict[str, str] | None = None,
-             dtype: DTypeName = "auto", max_new_tokens: int = 8, out: str | None = None,
+             max_length: int | None = None, prompt_template: str | None = None, field_map: dict[str, str] | None = None,
+             dtype: DTypeName = "auto", max_new_tokens: int | None = None, out: str | None = None,
              quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True) -> None:
     """Evaluate a model (with an adapter) on a data file: loss, perplexity and label accuracy.
+
+    An adapter trained by dorakit carries a run record (dorakit_run.json): unset options below are the
+    run's, and label accuracy ranks the labels it trained. How the data was read, and any difference
+    from the run, is printed first (to stderr; the metrics go to stdout as JSON).
 
     Args:
         adapter: Adapter directory (dorakit's or PEFT's). Unset: the base model alone.
         model: Base model directory. Unset: the adapter's recorded base, else the embedded SmolLM2.
         data: Data file (the shapes `dorakit train` reads). Unset: the embedded tweet-sentiment test split.
-        accuracy: For text/label data: rank candidate labels by likelihood, parse a greedy answer, both, or none.
+        accuracy: For label-style data (text/label, or few short recurring targets in any shape): rank the
+            candidate labels by likelihood, parse a greedy answer, both, or none.
         max_examples: Evaluate the first N examples only.
         batch_size: Examples per forward pass.
-        max_length: Truncate examples to this many tokens.
-        prompt_template: Prompt for text/label data with {text}; use the one the adapter was trained with.
-        field_map: Rename data fields, e.g. --field-map sentiment label.
+        max_length: Truncate examples to this many tokens. Unset: the run's, else 512.
+        prompt_template: Prompt for text/label data with {text}. Unset: the run's.
+        field_map: Rename data fields, e.g. --field-map sentiment label. Unset: the run's.
         dtype: Dtype to load the base model in.
-        max_new_tokens: Tokens to generate per answer (accuracy generate/both).
+        max_new_tokens: Tokens to generate per answer (accuracy generate/both). Unset: the longest target + 2.
         out: Also write the metrics to this JSON file.
         quantize: Load the base quantized, as the adapter was trained (`dorakit train --quantize`).
         quant_type: 4-bit data type used in training.
@@ -139,14 +144,16 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     from .integrations.bitsandbytes import Quantization
     from .train.inference import evaluate_file
 
+    default_template = None
     if data is None:
         from .demo import PROMPT, tweet_sentiment
 
-        data, prompt_template = str(tweet_sentiment() / "test.jsonl"), prompt_template or PROMPT
+        data, default_template = str(tweet_sentiment() / "test.jsonl"), PROMPT
     result = evaluate_file(_base_model(model, adapter), data, adapter, accuracy=accuracy, max_examples=max_examples,
                            batch_size=batch_size, max_length=max_length, prompt_template=prompt_template,
                            field_map=field_map, dtype=dtype, max_new_tokens=max_new_tokens,
-                           quantization=Quantization.parse(quantize, quant_type, double_quant))
+                           quantization=Quantization.parse(quantize, quant_type, double_quant),
+                           default_template=default_template)
     text = json.dumps(result, indent=2)
     print(text)
     if out is not None:

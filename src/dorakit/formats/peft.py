@@ -26,7 +26,7 @@ from .peft_config import from_peft_dict, to_peft_dict
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
-SHOWN = 5  # offending keys listed per kind of problem
+SHOWN = 2  # offending keys listed per kind of problem (with the count of the others)
 
 
 def save_adapter(
@@ -136,13 +136,25 @@ def load_adapter(
     """
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
-    inject_adapters(model, config, adapter_dtype=adapter_dtype)
+    try:
+        inject_adapters(model, config, adapter_dtype=adapter_dtype)
+    except ValueError as err:
+        raise ValueError(f"{directory} does not fit this model: {err}{_trained_on(config)}") from None
     try:
         load_adapter_tensors(model, tensors, source=str(directory))
+    except ValueError as err:
+        unload(model)
+        raise ValueError(f"{err}{_trained_on(config)}") from None
     except BaseException:
         unload(model)
         raise
     return model
+
+
+def _trained_on(config: DoraConfig) -> str:
+    """The adapter's recorded base model, for errors about an adapter that does not fit."""
+    base = config.base_model_name_or_path
+    return f" The adapter was trained on {base} (adapter_config.json): use that model (--model {base})." if base else ""
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: str = "the adapter") -> None:
@@ -169,12 +181,7 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: s
         for k, v in sorted(given.items())
         if tuple(v.shape) != tuple(model_state[k].shape)
     ]
-    problems = []
-    if missing:
-        hint = ""
-        if any(k.endswith("lora_magnitude_vector") for k in missing):
-            hint = " (DoRA magnitudes: PEFT would re-initialise these silently and change the model's outputs)"
-        problems.append(f"{len(missing)} missing tensor(s){hint}: {_first([to_peft_key(k) for k in missing])}")
+    problems = _missing_problems(missing, expected)
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_first(sorted(unexpected))}")
     if mismatched:
@@ -188,6 +195,33 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: s
             model_state[key].copy_(value.to(device=model_state[key].device, dtype=model_state[key].dtype))
         for target, value in projection_update:
             target.copy_(value.to(device=target.device, dtype=target.dtype))
+
+
+def _layer(key: str) -> str:
+    return key.split(".lora_")[0] if ".lora_" in key else key.rsplit(".", 1)[0]
+
+
+def _missing_problems(missing: list[str], expected: dict[str, Tensor]) -> list[str]:
+    """Missing tensors told apart: whole adapted layers the file lacks (the model has layers the
+    adapter's base did not), DoRA magnitudes alone (a file saved without them), and the rest."""
+    by_layer: dict[str, list[str]] = {}
+    for key in expected:
+        by_layer.setdefault(_layer(key), []).append(key)
+    absent = set(missing)
+    whole = sorted(layer for layer, keys in by_layer.items() if all(k in absent for k in keys))
+    rest = [k for k in missing if _layer(k) not in set(whole)]
+    magnitudes = [k for k in rest if k.endswith("lora_magnitude_vector")]
+    other = [k for k in rest if not k.endswith("lora_magnitude_vector")]
+    problems = []
+    if whole:
+        problems.append(f"{len(whole)} adapted layer(s) of this model have no tensors in the file (a model with more "
+                        f"layers or other modules than the adapter's base): {_first(whole)}")
+    if magnitudes:
+        problems.append(f"{len(magnitudes)} missing tensor(s) (DoRA magnitudes: PEFT would re-initialise these silently "
+                        f"and change the model's outputs): {_first([to_peft_key(k) for k in magnitudes])}")
+    if other:
+        problems.append(f"{len(other)} missing tensor(s): {_first([to_peft_key(k) for k in other])}")
+    return problems
 
 
 def model_projection(model: nn.Module) -> VeraProjection | None:

@@ -22,6 +22,7 @@ class Encoded:
     input_ids: list[int]
     labels: list[int]  # causal LM: IGNORE where not trained; classification: unused
     class_id: int | None = None
+    label: str | None = None  # the example's label, for label-style data (class-balanced sampling)
 
     @cached_property
     def target_tokens(self) -> int:
@@ -68,7 +69,7 @@ def encode(example: Example, tokenizer, max_length: int, label_ids: dict[str, in
     ``label_ids`` given: classification (the raw text, and the label's class id)."""
     if label_ids is not None:
         return Encoded(token_ids(tokenizer, example.text or example.prompt)[:max_length], [],
-                       class_id=label_ids[example.label])
+                       class_id=label_ids[example.label], label=example.label)
     if example.messages is not None:
         ids, labels = [], []
         for text, trained in _chat_segments(tokenizer, example.messages, example.source):
@@ -81,7 +82,7 @@ def encode(example: Example, tokenizer, max_length: int, label_ids: dict[str, in
         if tokenizer.eos_token_id is not None and example.prompt:
             target = target + [tokenizer.eos_token_id]  # learn to stop after the answer
         ids, labels = prompt + target, [IGNORE] * len(prompt) + target
-    item = Encoded(ids[:max_length], labels[:max_length])
+    item = Encoded(ids[:max_length], labels[:max_length], label=example.label)
     return item if item.target_tokens else None
 
 
@@ -119,6 +120,17 @@ def _epoch_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
 def stream_indices(n: int, seed: int, start: int, count: int) -> list[int]:
     """Items ``start .. start+count`` of the endless stream of seeded per-epoch permutations of range(n)."""
     return [_epoch_order(n, seed, k // n)[k % n] for k in range(start, start + count)]
+
+
+def training_order(items: list[Encoded], seed: int, start: int, count: int, balance: bool = False) -> list[int]:
+    """The item indices of training positions ``start .. start+count``: the seeded stream, or with
+    ``balance`` the class-balanced one (labels.balanced_indices). Both are pure functions of the
+    position, so resuming from a checkpoint's position continues the same order."""
+    if balance:
+        from .labels import balanced_indices
+
+        return balanced_indices([x.label for x in items], seed, start, count)
+    return stream_indices(len(items), seed, start, count)
 
 
 def collate(items: list[Encoded], pad_id: int, device: torch.device | None = None) -> dict[str, Tensor]:

@@ -3,21 +3,28 @@
 Every record is read and checked before training starts, so a bad line fails in seconds, not hours in,
 and the error names the file and line. Shapes (detected from the fields, after ``field_map``):
 
-    messages                       chat turns [{role, content}]; the assistant turns are trained
-    instruction, [input], output   Alpaca / LLM-Adapters; the response is trained
-    context, target                FinLoRA; the target is trained
-    prompt, completion             the completion is trained
-    text, label                    classification; the label is trained (or a head predicts it)
-    text                           plain language modelling; every token is trained
+    messages                               chat turns [{role, content}]; the assistant turns are trained
+    instruction, [input], output, [answer] Alpaca / LLM-Adapters; the response is trained
+    context, target                        FinLoRA; the target is trained
+    prompt, completion                     the completion is trained
+    text, label                            classification; the label is trained (or a head predicts it)
+    text                                   plain language modelling; every token is trained
+
+Label-style data (a few short targets that recur: FinLoRA's sentiment, LLM-Adapters' ``answer``) is
+recognised in every shape that can carry it (see labels.py), so evaluation can report label accuracy.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import json
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .labels import mark_labels
 
 # Stanford Alpaca's prompt, used by the DoRA authors' LLM-Adapters scripts.
 ALPACA_WITH_INPUT = (
@@ -40,6 +47,8 @@ SHAPES: dict[str, tuple[str, ...]] = {
     "label": ("text", "label"),
     "text": ("text",),
 }
+OPTIONAL = {"instruction": ("input", "answer")}  # fields a shape also reads when present
+KNOWN_FIELDS = frozenset(f for fields in (*SHAPES.values(), *OPTIONAL.values()) for f in fields)
 
 
 @dataclass
@@ -49,9 +58,15 @@ class Example:
     prompt: str
     target: str
     source: str  # "file:line", for error messages
-    label: str | None = None  # the class name, for text/label data
+    label: str | None = None  # the class name, for label-style data (text/label, or short recurring targets)
     text: str | None = None  # the raw text of text/label data (what a classification head reads)
     messages: list[dict[str, str]] | None = None
+    label_span: tuple[int, int] | None = None  # target[start:end] == label: where a candidate label goes
+
+    def target_for(self, label: str) -> str:
+        """The target this example would have if its label were ``label`` (for ranking candidates)."""
+        start, end = self.label_span
+        return self.target[:start] + label + self.target[end:]
 
 
 @dataclass
@@ -59,6 +74,10 @@ class Dataset:
     examples: list[Example]
     shape: str
     path: str
+    field_map: dict[str, str] = field(default_factory=dict)  # the renames applied
+    fields: list[str] = field(default_factory=list)  # the fields the shape reads (after the map)
+    ignored: list[str] = field(default_factory=list)  # fields of the file the shape does not read
+    template: str | None = None  # text/label data: the prompt template used
 
     @property
     def labels(self) -> list[str]:
@@ -132,16 +151,28 @@ def detect_shape(keys: set[str]) -> str | None:
 
 
 def load_dataset(path: str | Path, field_map: dict[str, str] | None = None,
-                 prompt_template: str | None = None) -> Dataset:
+                 prompt_template: str | None = None, labels: list[str] | None = None,
+                 map_from_run: bool = False) -> Dataset:
     """Read, check and format every record of ``path``.
 
+    Args:
+        field_map: old name -> new name, applied before the shape is detected.
+        prompt_template: the prompt of text/label data, with {text}.
+        labels: the label set of a trained run: the targets are labels whatever the file alone suggests.
+        map_from_run: ``field_map`` is a trained run's: entries naming no field of this file are
+            skipped (an evaluation file may already use the new names).
     Raises:
-        ValueError: a record of another shape than the first, a missing or empty field, or no records.
+        ValueError: a record of another shape than the first, a missing or empty field, no records, or
+            a field map that names no field of the file or leaves a field the shape needs unused.
     """
     records = read_records(path)
     if not records:
         raise ValueError(f"Data file {path} holds no records.")
-    field_map = field_map or {}
+    field_map = dict(field_map or {})
+    present = set().union(*(record.keys() for _, record in records))
+    if map_from_run:
+        field_map = {old: new for old, new in field_map.items() if old in present and new not in present}
+    check_field_map(field_map, present, path)
     shape = None
     examples = []
     for number, record in records:
@@ -158,12 +189,104 @@ def load_dataset(path: str | Path, field_map: dict[str, str] | None = None,
             raise ValueError(f"{where}: this record has the {found!r} shape, earlier ones the {shape!r} shape; "
                              "a file must hold one shape.")
         examples.append(_format(shape, record, where, prompt_template))
-    return Dataset(examples, shape, str(path))
+    mapped = {field_map.get(k, k) for k in present}
+    unused = sorted(mapped - set(shape_fields(shape)))
+    if field_map:
+        check_nothing_dropped(field_map, shape, mapped, unused, path)
+    mark_labels(examples, shape, labels)
+    template = (prompt_template or DEFAULT_LABEL_PROMPT) if shape == "label" else None
+    return Dataset(examples, shape, str(path), field_map, [f for f in shape_fields(shape) if f in mapped], unused,
+                   template)
+
+
+def shape_fields(shape: str) -> tuple[str, ...]:
+    """Every field the shape reads (required, then optional)."""
+    return SHAPES[shape] + OPTIONAL.get(shape, ())
+
+
+def _map_text(field_map: dict[str, str]) -> str:
+    return "--field-map " + " ".join(f"{old} {new}" for old, new in field_map.items())
+
+
+def check_field_map(field_map: dict[str, str], present: set[str], path) -> None:
+    """Every old name must be a field of the file, and no new name may overwrite a field the map keeps."""
+    for old, new in field_map.items():
+        if old not in present:
+            near = difflib.get_close_matches(old, sorted(present), n=1, cutoff=0.6)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise ValueError(f"--field-map {old} {new}: {path} has no field {old!r} (its fields: "
+                             f"{', '.join(sorted(present))}); {hint}fix the name or drop this mapping.")
+        if new in present and new not in field_map:
+            raise ValueError(f"--field-map {old} {new}: {path} already has a {new!r} field, which this mapping "
+                             f"would overwrite; also map {new!r} to another name, or drop this mapping.")
+
+
+def check_nothing_dropped(field_map: dict[str, str], shape: str, mapped: set[str], unused: list[str], path) -> None:
+    """A mapped file must not leave a field of a known shape unread: ``--field-map context text`` on
+    context/target data would make it plain text and silently drop the target (issue 21)."""
+    dropped = [name for name in unused if name in KNOWN_FIELDS]
+    if not dropped:
+        return
+    fix = ""
+    for other, needed in SHAPES.items():  # a shape that renaming the dropped field would complete
+        missing = [f for f in needed if f not in mapped]
+        if len(dropped) == 1 and len(missing) == 1 and len(needed) > 1 and dropped[0] not in needed:
+            fix = f" (for {shape_name(other)} data: also --field-map {dropped[0]} {missing[0]})"
+            break
+    raise ValueError(f"{_map_text(field_map)}: {path} then reads as {shape_name(shape)} data and its "
+                     f"{', '.join(repr(d) for d in dropped)} field would be ignored, not trained; map every field "
+                     f"of the shape you mean{fix}, or drop the map.")
+
+
+def shape_name(shape: str) -> str:
+    return "/".join(SHAPES[shape]) if shape != "text" else "plain text"
+
+
+def describe(dataset: Dataset, trained_tokens: list[int], dropped: int | None = None) -> str:
+    """One line saying how a file was read: its shape, what each field became, the field map, the
+    labels and the trained tokens per example (issue 21: nothing printed which shape was detected).
+
+    Args:
+        trained_tokens: per encoded example. dropped: examples truncation left nothing to train in
+            (None: those of the file without an entry in ``trained_tokens``)."""
+    prompt = [f for f in dataset.fields if f in ("instruction", "input", "context", "prompt", "text")]
+    trained = [f for f in dataset.fields if f in ("output", "target", "completion", "label", "messages")]
+    if dataset.shape == "text":
+        prompt, trained = [], ["text"]
+    elif dataset.shape == "messages":
+        trained = ["assistant turns of messages"]
+    elif dataset.shape == "label":
+        shown = repr(dataset.template)
+        prompt = [f"text in the template {shown[:70]}" + ("..." if len(shown) > 70 else "")]
+    elif dataset.shape == "instruction":
+        prompt = [" + ".join(prompt) + " in the Alpaca template"]
+    roles = [f"prompt: {', '.join(prompt)}"] if prompt else []
+    roles.append(f"trained: {', '.join(trained)}")
+    labels = dataset.labels
+    if labels:
+        source = "answer" if "answer" in dataset.fields else trained[0]
+        roles.append(f"labels{'' if source == 'label' else ' from ' + source}: "
+                     + (", ".join(labels) if len(labels) <= 8 else f"{len(labels)} distinct"))
+    elif dataset.shape in ("context", "completion", "instruction"):
+        roles.append("free-text targets, not label-style")
+    line = f"{dataset.path}: {shape_name(dataset.shape)} data ({'; '.join(roles)})"
+    if dataset.field_map:
+        line += "; field map " + ", ".join(f"{old}->{new}" for old, new in dataset.field_map.items())
+    line += f"; {len(dataset.examples)} examples"
+    if trained_tokens:
+        mean = sum(trained_tokens) / len(trained_tokens)
+        line += f", {mean:.1f} trained tokens each ({min(trained_tokens)}-{max(trained_tokens)})"
+        dropped = len(dataset.examples) - len(trained_tokens) if dropped is None else dropped
+        if dropped > 0:
+            line += f", {dropped} dropped by --max-length (no target token left)"
+    if dataset.ignored:
+        line += f"; ignored fields: {', '.join(dataset.ignored)}"
+    return line
 
 
 def _text(record: dict[str, Any], key: str, where: str, allow_empty: bool = False) -> str:
     value = record.get(key)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and key == "label":
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key in ("label", "answer"):
         value = str(value)
     if value is None and allow_empty:
         return ""
@@ -184,23 +307,52 @@ def join_target(prompt: str, target: str) -> str:
 
 
 def _format(shape: str, record: dict[str, Any], where: str, template: str | None) -> Example:
+    """The example of one record; ``label``/``label_span`` hold the candidate label of shapes that may
+    carry one (``mark_labels`` keeps them only when the whole file is label-style)."""
     if shape == "messages":
         return Example("", "", where, messages=_messages(record["messages"], where))
     if shape == "instruction":
         extra = _text(record, "input", where, allow_empty=True)
         fmt = ALPACA_WITH_INPUT if extra.strip() else ALPACA
         prompt = fmt.format(instruction=_text(record, "instruction", where), input=extra)
-        return Example(prompt, _text(record, "output", where), where)
+        output = _text(record, "output", where)
+        if "answer" in record:  # LLM-Adapters: the output explains, the answer is the label
+            answer = _text(record, "answer", where).strip()
+            return Example(prompt, output, where, label=answer, label_span=_word_span(output, answer))
+        return _with_label(Example(prompt, output, where))
     if shape in ("context", "completion"):
         first, second = SHAPES[shape]
         prompt = _text(record, first, where)
-        return Example(prompt, join_target(prompt, _text(record, second, where)), where)
+        return _with_label(Example(prompt, join_target(prompt, _text(record, second, where)), where))
     if shape == "label":
         label = _text(record, "label", where).strip()
         text = _text(record, "text", where)
-        prompt = (template or DEFAULT_LABEL_PROMPT).format(text=text)
-        return Example(prompt, join_target(prompt, label), where, label=label, text=text)
+        prompt = (template or DEFAULT_LABEL_PROMPT).format_map(_OnlyText(text=text))
+        return _with_label(Example(prompt, join_target(prompt, label), where, text=text))
     return Example("", _text(record, "text", where), where)
+
+
+class _OnlyText(dict):
+    """Template fields other than {text} stay as written: FinLoRA's prompts hold literal braces
+    ("choose an answer from {negative/neutral/positive}"), which str.format refused with a KeyError."""
+
+    def __missing__(self, key: str) -> str:
+        return "{" + key + "}"
+
+
+def _with_label(example: Example) -> Example:
+    """The whole target, stripped, as the candidate label."""
+    label = example.target.strip()
+    start = example.target.index(label)
+    example.label, example.label_span = label, (start, start + len(label))
+    return example
+
+
+def _word_span(text: str, word: str) -> tuple[int, int] | None:
+    """Where ``word`` stands last in ``text`` as a whole word (any case), or None.
+    LLM-Adapters' outputs end with the answer: "the correct answer is true"."""
+    found = list(re.finditer(rf"(?<!\w){re.escape(word)}(?!\w)", text, flags=re.IGNORECASE)) if word else []
+    return found[-1].span() if found else None
 
 
 def _messages(turns: Any, where: str) -> list[dict[str, str]]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -11,8 +13,9 @@ from ..integrations.transformers import DTypeName, default_device, place
 from ..formats.peft import load_adapter, read_adapter_config
 from ..integrations.bitsandbytes import Quantization
 from .batches import encode_all
-from .data import load_dataset
-from .evaluate import EvalSetup, evaluate_loss, generation_accuracy, rank_accuracy
+from .data import Dataset, describe, load_dataset, shape_name
+from .evaluate import EvalSetup, answerable, evaluate_loss, generation_accuracy, rank_accuracy
+from .run_record import eval_options, read_record, shape_note, unseen_note
 from .model import check_model_dir, load_model, pick_autocast, resolve_task
 
 AccuracyMode = Literal["rank", "generate", "both", "none"]
@@ -33,30 +36,81 @@ def load_with_adapter(model_dir: str | Path, adapter: str | Path | None, dtype: 
     return place(model, device).eval(), tokenizer, task, device
 
 
+def say(line: str) -> None:
+    """Progress lines go to stderr: stdout carries the metrics (JSON)."""
+    print(line, file=sys.stderr, flush=True)
+
+
 def evaluate_file(model_dir: str | Path, data: str | Path, adapter: str | Path | None = None, *,
                   accuracy: AccuracyMode = "rank", loss: bool = True, max_examples: int | None = None, batch_size: int = 16,
-                  max_length: int = 512, prompt_template: str | None = None, field_map: dict[str, str] | None = None,
-                  dtype: DTypeName = "auto", max_new_tokens: int = 8, quantization: Quantization | None = None) -> dict:
-    """Loss/perplexity on ``data`` (unless ``loss`` is False), and label accuracy when it has labels."""
-    dataset = load_dataset(data, field_map, prompt_template)
+                  max_length: int | None = None, prompt_template: str | None = None, field_map: dict[str, str] | None = None,
+                  dtype: DTypeName = "auto", max_new_tokens: int | None = None, quantization: Quantization | None = None,
+                  default_template: str | None = None, log: Callable[[str], None] | None = say) -> dict:
+    """Loss/perplexity on ``data`` (unless ``loss`` is False), and label accuracy when it has labels.
+
+    The run's record beside the adapter (or a fully fine-tuned model) supplies what is not given: the
+    prompt template, field map, max length, and the trained labels, the only candidates ranked.
+
+    Args:
+        max_length / prompt_template / field_map: None: the run's (else 512 / ``default_template`` / none).
+        max_new_tokens: for generated answers; None: the longest target's tokens + 2.
+        default_template: the prompt of text/label data when neither the call nor a record gives one.
+        log: receives, before any evaluation, how the data was read and where this evaluation differs
+            from the run (the latter also returned under "notes"); None: silent.
+    Returns:
+        examples, shape, loss, perplexity, rank_accuracy / generate_accuracy (with unparsed and the
+        accuracy per true label),
+        majority_baseline, labels (the candidates), scored_examples, and notes when there are any.
+    """
+    record = read_record(adapter if adapter is not None else model_dir)
+    options = eval_options(record, adapter, prompt_template, field_map, max_length, default_template)
+    dataset = load_dataset(data, options.field_map, options.prompt_template, options.labels, options.map_from_run)
     if max_examples is not None:
         dataset.examples = dataset.examples[:max_examples]
-    labels = dataset.labels
+    labels = options.labels or dataset.labels
     model, tokenizer, task, device = load_with_adapter(model_dir, adapter, dtype, labels, quantization)
-    setup = EvalSetup(model, tokenizer, task, device, pick_autocast("auto", device), batch_size, max_length)
-    label_ids = {n: i for i, n in enumerate(labels)} if task == "classification" else None
-    result: dict = {"examples": len(dataset.examples)}
+    setup = EvalSetup(model, tokenizer, task, device, pick_autocast("auto", device), batch_size, options.max_length)
+    scored, unseen = answerable(dataset.examples, labels) if dataset.labels else ([], {})
+    if task == "classification":  # the head has a class for the trained labels only
+        label_ids = {n: i for i, n in enumerate(labels)}
+        items = encode_all(Dataset(scored, dataset.shape, dataset.path), tokenizer, options.max_length, label_ids)
+    else:
+        items = encode_all(dataset, tokenizer, options.max_length)
+    notes = _notes(options.notes, record, dataset, labels, unseen, accuracy, task)
+    if log is not None:
+        dropped = (len(scored) if task == "classification" else len(dataset.examples)) - len(items)
+        log(f"dorakit eval: data {describe(dataset, [x.target_tokens for x in items], dropped)}")
+        for note in notes:
+            log(f"dorakit eval: note: {note}")
+    result: dict = {"examples": len(dataset.examples), "shape": dataset.shape}
     if loss:
-        result.update(evaluate_loss(setup, encode_all(dataset, tokenizer, max_length, label_ids)))
-    if labels and accuracy in ("rank", "both"):
-        result["rank_accuracy"] = rank_accuracy(setup, dataset.examples, labels)["accuracy"]
-    if labels and accuracy in ("generate", "both") and task != "classification":
+        result.update(evaluate_loss(setup, items))
+    if dataset.labels and accuracy in ("rank", "both"):
+        ranked = rank_accuracy(setup, dataset.examples, labels)
+        result["rank_accuracy"], result["rank_accuracy_per_label"] = ranked["accuracy"], ranked["per_label"]
+    if dataset.labels and accuracy in ("generate", "both") and task != "classification":
         found = generation_accuracy(setup, dataset.examples, labels, max_new_tokens)
         result["generate_accuracy"], result["unparsed"] = found["accuracy"], found["unparsed"]
-    if labels:
-        majority = max(sum(e.label == n for e in dataset.examples) for n in labels)
-        result["majority_baseline"] = majority / len(dataset.examples)
+        result["generate_accuracy_per_label"] = found["per_label"]
+    if scored:
+        result["majority_baseline"] = max(sum(e.label == n for e in scored) for n in labels) / len(scored)
+        result.update(labels=labels, scored_examples=len(scored))
+    if notes:
+        result["notes"] = notes
     return result
+
+
+def _notes(notes: list[str], record, dataset: Dataset, labels: list[str], unseen: dict, accuracy: str, task: str) -> list[str]:
+    """One line for each way this evaluation differs from what the run trained, or cannot measure it."""
+    notes = notes + [n for n in (shape_note(record, dataset.shape), unseen_note(unseen, labels)) if n]
+    if not dataset.labels and accuracy != "none":
+        notes.append(f"no label accuracy: {dataset.path} is {shape_name(dataset.shape)} data without label-style "
+                     "targets (a few short values that recur); loss and perplexity only.")
+    unplaced = sum(e.label_span is None for e in dataset.examples if e.label in labels) if task != "classification" else 0
+    if unplaced and accuracy in ("rank", "both"):
+        notes.append(f"{unplaced} example(s) left out of rank_accuracy: their output does not contain their answer, "
+                     "so no candidate label can take its place (--accuracy generate scores them).")
+    return notes
 
 
 @torch.no_grad()

@@ -23,18 +23,20 @@ from .. import atomic
 from ..inject import trainable_parameters
 from ..formats.peft import save_adapter
 from ..formats.keys import is_adapter_key
-from .batches import collate, encode_all, split, stream_indices
+from .batches import collate, encode_all, split, training_order
 from .checkpoint import (Progress, has_adapter, is_distributed_checkpoint, read_state, restore_checkpoint,
                          restore_distributed_checkpoint, restore_single_process_checkpoint, save_checkpoint,
                          save_distributed_checkpoint)
 from .distributed import (Dist, FullParameters, TrainStep, full_trainable_state, init_distributed, set_gradient_sync,
                           wrap)
-from .data import Dataset, load_dataset
+from .data import Dataset, describe, load_dataset, shape_name
 from .evaluate import EvalSetup, evaluate_loss, rank_accuracy
 from .loss import autocast, selective_head
+from .labels import distribution, distribution_line, imbalance_warning
 from .model import load_for_training
 from .options import TrainConfig, math_differences
 from .report import MetricsLog, plot_losses, truncate_metrics, write_summary
+from .run_record import RunRecord, write_record
 from .schedule import make_scheduler
 
 RUN_FILES = ("adapter", "model", "checkpoint", "checkpoints", "metrics.jsonl", "summary.json", "loss.png")
@@ -141,8 +143,7 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
     saved = prepare_output(cfg, clear=main)
     processes.barrier()  # rank 0 has cleared an overwritten run before anyone writes
     # Read and check all data before the (slow) model load: a bad line fails in seconds.
-    data = RunData(load_dataset(cfg.data, cfg.field_map, cfg.prompt_template),
-                   load_dataset(cfg.val_data, cfg.field_map, cfg.prompt_template) if cfg.val_data else None)
+    data = read_run_data(cfg)
     share, micro = _per_process_batch(cfg, processes.world)
     labels = sorted(set(data.train.labels) | set(data.val.labels if data.val else []))
     loaded = load_for_training(cfg, cfg.model, labels, processes.device)
@@ -153,6 +154,11 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
     val_ex = val_ex[: cfg.max_val_examples]
     val_items = encode_all(Dataset(val_ex, data.train.shape, cfg.val_data or data.train.path),
                            loaded.tokenizer, cfg.max_length, label_ids) if val_ex else []
+    # Ranked at validation and recorded for `dorakit eval`: a classifier's head classes, else what trained.
+    trained_labels = labels if loaded.task == "classification" else sorted({x.label for x in train_items if x.label})
+    counts = distribution([x.label for x in train_items if x.label])
+    run_record = RunRecord(loaded.task, data.train.shape, cfg.max_length, data.train.field_map, data.train.template,
+                           trained_labels or None, counts or None, str(cfg.model), str(cfg.data))
     steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_items) / cfg.batch_size)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_ratio * steps)
     model = loaded.model
@@ -168,14 +174,16 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
         progress = _restore(out / "checkpoint", model, wrapped, optimizer, scheduler, processes)
         if main:
             truncate_metrics(out, progress.step)
-    evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, micro, cfg.max_length)
-    label_eval = bool(labels) and cfg.eval_accuracy and bool(val_ex)
+    evaluator = EvalSetup(model, loaded.tokenizer, loaded.task, loaded.device, loaded.autocast, micro, cfg.max_length,
+                          selective)
+    label_eval = bool(trained_labels) and cfg.eval_accuracy and bool(val_ex)
     where = f"{processes.world} processes ({cfg.strategy}, {loaded.device.type})" if processes.active else str(loaded.device)
     if main:
         print(f"dorakit train: {_method_name(cfg)} on {cfg.model} ({loaded.task}), {trainable:,} of {total:,} "
               f"parameters trainable; {len(train_items)} training / {len(val_items)} validation examples; "
               f"{steps} steps of {cfg.batch_size} ({cfg.batch_size // micro} x {micro}) on {where}"
               + (f", resuming after step {progress.step}" if saved else ""), flush=True)
+        print_data_lines(data, train_items, val_items, counts, cfg.balance_labels)
 
     def evaluate() -> dict:
         if not val_items:
@@ -185,14 +193,16 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
         with FullParameters(wrapped, processes):
             result = evaluate_loss(evaluator, val_items)
             record = {"val_loss": result["loss"], "val_perplexity": result["perplexity"]}
-            if label_eval:
-                record["val_accuracy"] = rank_accuracy(evaluator, val_ex, labels)["accuracy"]
+            accuracy = rank_accuracy(evaluator, val_ex, trained_labels)["accuracy"] if label_eval else None
+            if accuracy is not None:
+                record["val_accuracy"] = accuracy
         return record
 
     def save_result(directory: Path) -> None:
         gathered = _gathered_adapter(wrapped, model, processes)
         if main:
             save_trained(model, loaded.tokenizer, directory, gathered)
+            write_record(directory, run_record)
         processes.barrier()
 
     status, last_eval, last_record = "finished", {}, {}
@@ -205,7 +215,7 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
             while progress.step < steps:
                 step = progress.step + 1
                 t0 = time.perf_counter()
-                order = stream_indices(len(train_items), cfg.seed, progress.position, cfg.batch_size)
+                order = training_order(train_items, cfg.seed, progress.position, cfg.batch_size, cfg.balance_labels)
                 items = [train_items[i] for i in order]
                 trained = sum(x.target_tokens for x in items)  # the whole global batch's, before any micro-batch
                 mine = items[processes.rank :: processes.world]  # this process's share of the global batch
@@ -271,7 +281,7 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
     summary = {
         "status": status, "config": cfg.to_dict(), "task": loaded.task, "steps": progress.step,
         "total_steps": steps, "warmup_steps": warmup, "examples": {"train": len(train_items), "validation": len(val_items)},
-        "labels": labels, "trainable_parameters": trainable, "total_parameters": total,
+        "labels": labels, "label_counts": counts, "trainable_parameters": trainable, "total_parameters": total,
         "train_seconds": progress.elapsed, "tokens": progress.tokens,
         "final": {"loss": last_record.get("loss"), **last_eval},
         "adapter" if has_adapter(model) else "model": str(result) if status == "finished" else None,
@@ -284,6 +294,32 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
         print(f"dorakit train: {status}; checkpoint in {out / 'checkpoint'}. Continue with: "
               f"dorakit train --output {out} --resume", flush=True)
     return summary
+
+
+def read_run_data(cfg: TrainConfig) -> RunData:
+    """The training (and validation) data, read and checked; a validation file is read with the
+    training file's labels, so it is label-style when the training data is."""
+    train = load_dataset(cfg.data, cfg.field_map, cfg.prompt_template)
+    if cfg.balance_labels and not train.labels:
+        raise ValueError(f"--balance-labels needs label-style data (text/label, or a few short targets that recur); "
+                         f"{cfg.data} is {shape_name(train.shape)} data without labels. Drop --balance-labels.")
+    val = load_dataset(cfg.val_data, cfg.field_map, cfg.prompt_template, train.labels or None) if cfg.val_data else None
+    return RunData(train, val)
+
+
+def print_data_lines(data: RunData, train_items: list, val_items: list, counts: dict, balance: bool) -> None:
+    """How the data was read (one line per file), the label distribution and an imbalance warning."""
+    items = train_items + (val_items if data.val is None else [])  # the training file's examples
+    print(f"dorakit train: data {describe(data.train, [x.target_tokens for x in items])}", flush=True)
+    if data.val is not None:
+        print(f"dorakit train: validation {describe(data.val, [x.target_tokens for x in val_items])}")
+    if counts:
+        print(f"dorakit train: labels of the {sum(counts.values())} training examples: {distribution_line(counts)}")
+        warning = imbalance_warning(counts)
+        if balance:
+            print(f"dorakit train: --balance-labels: each label is drawn 1/{len(counts)} of the time", flush=True)
+        elif warning:
+            print(f"dorakit train: warning: {warning}", flush=True)
 
 
 def _per_process_batch(cfg: TrainConfig, world: int) -> tuple[int, int]:

@@ -18,19 +18,61 @@ from torch import Tensor, nn
 
 from .batches import IGNORE
 
-# Architectures whose logits are exactly head(last_hidden_state): no soft-capping or logit scaling
-# after the head, so the selective path is exact. Others take the full-logits path.
-PLAIN_HEAD_TYPES = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt2", "gpt_neox", "gptj",
-    "phi", "phi3", "gemma", "olmo", "olmo2", "stablelm", "smollm3", "starcoder2", "bloom",
-})
-
 
 def selective_head(model: nn.Module) -> bool:
-    """True when the loss may run the output head only at trained positions."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """True when the loss may run the output head only at trained positions: the head is a Linear
+    (or an adapter over one) applied once, to the base model's last hidden state, and the model
+    returns its output unchanged (no soft-capping, scaling or bias after it, as Gemma-2, Cohere and
+    Granite apply). Decided by what the model does, checked in one tiny forward pass, not by its name
+    (issue 21: a list of architecture names missed Gemma-3 and ran its 262k-wide head everywhere)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return model_type in PLAIN_HEAD_TYPES and head is not None and getattr(model, "base_model", model) is not model
+    base = getattr(model, "base_model", model)
+    linear = getattr(head, "base_layer", head)  # an adapted head computes position by position too
+    if not isinstance(linear, nn.Linear) or base is model or not isinstance(base, nn.Module):
+        return False
+    try:
+        return _head_ends_the_model(model, base, head)
+    except Exception:  # a model this forward cannot drive (extra inputs needed): the full-logits path is always right
+        return False
+
+
+def _head_ends_the_model(model: nn.Module, base: nn.Module, head: nn.Module) -> bool:
+    """One forward of three tokens with the head's output replaced by a probe tensor of large, varied
+    values: the model must return exactly the probe (soft-capping tanh(x/c)*c, scaling or any later op
+    changes it), and the head must have read what ``base`` returns as ``last_hidden_state`` (a second
+    forward, as the selective path runs it: some models call a sub-module of ``base`` directly)."""
+    seen: dict = {"calls": 0}
+
+    def before_head(module, args):
+        seen["calls"] += 1
+        seen["input"] = args[0] if args else None
+
+    def replace_output(module, args, output):
+        n = output.numel()
+        values = ((torch.arange(n, device=output.device) * 7919) % 101 - 50) * 0.73  # in [-36.5, 36.5], varied
+        seen["probe"] = values.reshape(output.shape).to(output.dtype)
+        return seen["probe"]
+
+    weight = model.get_input_embeddings().weight
+    inputs = {"input_ids": torch.arange(1, 4, device=weight.device).unsqueeze(0) % weight.shape[0]}  # (1, 3)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    hooks = [head.register_forward_pre_hook(before_head), head.register_forward_hook(replace_output)]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            for hook in hooks:
+                hook.remove()
+            hidden = base(**inputs).last_hidden_state
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    read, probe = seen.get("input"), seen.get("probe")
+    return (seen["calls"] == 1 and isinstance(read, Tensor) and read.shape == hidden.shape
+            and torch.allclose(read, hidden, rtol=1e-4, atol=1e-6)
+            and logits.shape == probe.shape and torch.equal(logits, probe.to(logits.dtype)))
 
 
 def logits_at(model: nn.Module, batch: dict[str, Tensor], at: Tensor, selective: bool) -> Tensor:

@@ -31,6 +31,14 @@ class Loaded:
 def check_model_dir(path: str | Path) -> Path:
     """A readable transformers checkpoint directory, or an error that says what is missing."""
     path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        raise ValueError(
+            f"{path} is a GGUF file (llama.cpp's format), not a transformers checkpoint directory. Convert it once "
+            f"(needs the gguf package): python -c \"from dorakit.assets import convert_gguf; "
+            f"convert_gguf('{path}', '{path.with_suffix('')}-hf')\" and pass --model {path.with_suffix('')}-hf.")
+    if path.is_file():
+        raise NotADirectoryError(f"--model {path} is a file; it must be a transformers checkpoint directory (what "
+                                 "save_pretrained writes: config.json and the weights).")
     if not path.is_dir():
         raise FileNotFoundError(f"Model directory {path} does not exist.")
     if not (path / "config.json").is_file():
@@ -76,6 +84,9 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     path = check_model_dir(model_dir)
     task = resolve_task(path, cfg.task)
     device = device or default_device()
+    # Seeded before loading: a classifier's new head is initialised while loading, and --seed fixes it too
+    # (unseeded, the same command trained a different model each time: issue 21's flaky accuracy test).
+    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(path, task, cfg.dtype, labels, cfg.quantization, device)
     place(model, device)
     if cfg.gradient_checkpointing:

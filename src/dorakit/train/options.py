@@ -90,6 +90,9 @@ class TrainConfig:
     """Prompt for text/label data, with {text} where the text goes (default 'Text: {text}\\nLabel:')."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Rename data fields before the shape is detected, e.g. --field-map sentiment label."""
+    balance_labels: bool = False
+    """Label-style data: sample every label equally often (rare labels repeat, frequent ones are
+    subsampled; an epoch stays as many examples as the training split holds)."""
 
     # --- optimisation ---
     output: str = "runs/dorakit"
