@@ -246,7 +246,7 @@ def train_config(argv: list[str]) -> TrainConfig:
     """The TrainConfig for ``dorakit train ARGV`` with its layered defaults (see the module docstring)."""
     import tyro
 
-    from .train.loop import resumable_state
+    from .train.output import resumable_state
     from .train.options import read_config_file
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
