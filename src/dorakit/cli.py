@@ -13,6 +13,7 @@ no --data is given) < a --config file < the saved config of a --resume'd run < t
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import signal
 import sys
@@ -24,10 +25,7 @@ from .integrations.bitsandbytes import QuantizeName, QuantType
 from .train.inference import AccuracyMode
 from .train.options import TrainConfig
 
-USAGE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, ImportError)
-
-
-def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrite: bool = False,
+def merge(adapter: str, out: str, base: str | None = None, dtype: DTypeName = "auto", overwrite: bool = False,
           quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True,
           requantize: str | None = None) -> None:
     """Fold an adapter into its base model and write a plain transformers checkpoint.
@@ -38,9 +36,9 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
     is full precision; the error of storing it back in the same format is measured and printed.
 
     Args:
-        base: Base model: a transformers checkpoint directory.
         adapter: Adapter directory (written by dorakit or by PEFT, LoRA or DoRA).
         out: Output directory for the merged checkpoint (written whole, then renamed into place).
+        base: Base model: a transformers checkpoint directory. Unset: the one the adapter records.
         dtype: Dtype to load the base model in; "auto" keeps the checkpoint's.
         overwrite: Replace a non-empty output directory.
         quantize: The quantization the adapter was trained over (as `dorakit train --quantize`).
@@ -58,6 +56,7 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
     if requantize is not None and quantization is None:
         raise ValueError("--requantize re-quantizes the merge of an adapter trained over a quantized base; add --quantize.")
     start = time.perf_counter()
+    base = _base_model(base, adapter, flag="--base")
     model = load_pretrained(base, dtype, quantization)
     load_adapter(model, adapter)
     layers = len(adapter_layers(model))
@@ -84,7 +83,8 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
 
     Args:
         adapter: Adapter directory (dorakit's or PEFT's). Unset: the base model alone.
-        model: Base model directory. Unset: the adapter's recorded base, else the embedded SmolLM2.
+        model: Base model directory. Unset: the adapter's recorded base (an error if it is not here); without
+            --adapter, the embedded SmolLM2.
         data: Data file (the shapes `dorakit train` reads). Unset: the embedded tweet-sentiment test split.
         accuracy: For text/label data: rank candidate labels by likelihood, parse a greedy answer, both, or none.
         max_examples: Evaluate the first N examples only.
@@ -126,7 +126,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
     Args:
         prompt: The text to continue (sent as a user turn when the chat template is used).
         adapter: Adapter directory. Unset: the base model alone.
-        model: Base model directory. Unset: the adapter's recorded base, else the embedded SmolLM2.
+        model: Base model directory. Unset: the adapter's recorded base (an error if it is not here); without
+            --adapter, the embedded SmolLM2.
         max_new_tokens: Tokens to generate at most.
         temperature: 0 for greedy decoding; above 0 samples.
         chat: auto uses the tokenizer's chat template when it has one; on requires it; off sends raw text.
@@ -228,18 +229,30 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     print(f"wrote {out}/compare.csv, compare.json, compare.png")
 
 
-def _base_model(model: str | None, adapter: str | None) -> str:
+def _base_model(model: str | None, adapter: str | None, flag: str = "--model") -> str:
+    """The base model to load: the one given, else the adapter's recorded one, else (no adapter) the
+    embedded SmolLM2. Never another model than the adapter's (issue 19): a missing one is an error."""
     if model is not None:
         return model
-    if adapter is not None:
-        from .formats.peft import read_adapter_config
+    if adapter is None:
+        from .assets import smollm2_path
 
-        recorded = read_adapter_config(adapter).base_model_name_or_path
-        if recorded and Path(recorded).is_dir():
-            return recorded
-    from .assets import smollm2_path
+        return str(smollm2_path())
+    from .formats.peft import CONFIG_NAME, recorded_base
 
-    return str(smollm2_path())
+    from .formats.peft_config import hub_name
+
+    recorded, hub = recorded_base(adapter)
+    hub = hub or hub_name(recorded)
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    where = f"{Path(adapter) / CONFIG_NAME}"
+    if not recorded:
+        raise ValueError(f"The adapter {adapter} records no base model ({where} has no base_model_name_or_path); "
+                         f"pass the model it was trained on with {flag} DIR.")
+    named = f" ({hub} on the model hub)" if hub and hub != recorded else ""
+    raise FileNotFoundError(f"The adapter {adapter} was trained on {recorded}{named}, which is not a directory here "
+                            f"(recorded in {where}). Pass that model with {flag} DIR (a local transformers checkpoint).")
 
 
 def train_config(argv: list[str]) -> TrainConfig:
@@ -299,6 +312,58 @@ COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge
             "compare": compare}
 
 
+def explain(err: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for an error the user can act on, None for a bug (whose traceback is shown).
+
+    Exit 2 for bad input and what the environment refused (a missing, unreadable or foreign file, a
+    read-only or full disk: the system's message with the path, and the fix), 1 for a run stopped by a
+    failure, 130 for Ctrl-C. One error-reporting path for every subcommand (issue 19).
+    """
+    from .train.loop import TrainingError
+
+    if isinstance(err, KeyboardInterrupt):
+        return 130, "interrupted"
+    if isinstance(err, TrainingError):
+        return 1, str(err)
+    if isinstance(err, MemoryError) or "OutOfMemoryError" in type(err).__name__ or (
+            isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return 1, (f"out of memory ({first[:200]}). Lower --batch-size or --micro-batch-size, --max-length or the "
+                   "rank, or use a machine with more memory.")
+    if type(err).__name__ == "SafetensorError":  # a safetensors file dorakit did not route through its readers
+        from .formats.tensor_files import as_os_error
+
+        converted = as_os_error(err, "a safetensors file")
+        if converted is err:
+            return 2, f"a safetensors file could not be read or written ({err})"
+        err = converted
+    if isinstance(err, OSError):
+        return 2, _os_message(err)
+    if isinstance(err, (ValueError, ImportError)):
+        return 2, str(err)
+    return None
+
+
+OS_FIXES = {
+    errno.ENOSPC: "Free disk space (or write elsewhere) and run the command again.",
+    errno.EDQUOT: "Free disk space within your quota (or write elsewhere) and run the command again.",
+    errno.EROFS: "The file system is read-only: choose a writable location.",
+    errno.EACCES: "Check the permissions, or choose a location you can use.",
+    errno.EPERM: "Check the permissions, or choose a location you can use.",
+}
+
+
+def _os_message(err: OSError) -> str:
+    """A file-system error in one line: what the system said, the path, and the fix."""
+    if err.strerror is None:  # dorakit's own messages, which name the file and the fix
+        return str(err)
+    where = f": {err.filename}" if err.filename else ""
+    if err.filename2:
+        where += f" -> {err.filename2}"
+    fix = OS_FIXES.get(err.errno, "")
+    return f"{err.strerror}{where}." + (f" {fix}" if fix else "")
+
+
 def main(argv: list[str] | None = None) -> None:
     import tyro
 
@@ -307,9 +372,13 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "train":
             raise SystemExit(train(argv[1:]))
         tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="dorakit")
-    except USAGE_ERRORS as err:
-        print(f"dorakit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (Exception, KeyboardInterrupt) as err:
+        explained = explain(err)
+        if explained is None:
+            raise
+        code, message = explained
+        print(f"dorakit: error: {message}" if code != 130 else "dorakit: interrupted", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

@@ -21,13 +21,27 @@ from ..inject import CONFIG_ATTR, inject_adapters, unload
 from .keys import PEFT_PREFIX, PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
 from ..layers import VeraProjection
 from ..modules_to_save import ModulesToSave
-from .peft_config import from_peft_dict, to_peft_dict
+from .peft_config import from_peft_dict, hub_name, to_peft_dict
 from .tensor_files import read_tensors, write_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 SHOWN = 5  # offending keys listed per kind of problem
+BASE_MODEL_METADATA = "base_model"  # safetensors metadata: the base model's hub name, when known
+
+
+def recorded_base(directory: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, hub name) an adapter directory records; either may be None."""
+    from safetensors import safe_open
+
+    config = read_adapter_config(directory)
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS_NAME), "pt") as handle:
+            hub = (handle.metadata() or {}).get(BASE_MODEL_METADATA)
+    except Exception:  # an unreadable weights file is reported when it is loaded
+        hub = None
+    return config.base_model_name_or_path, hub
 
 
 def save_adapter(
@@ -63,11 +77,16 @@ def save_adapter(
     projection = model_projection(model)
     if projection is not None and config.save_projection:
         tensors.update({key: getattr(projection, name).detach().contiguous().clone() for name, key in PROJECTION_KEYS.items()})
-    content = json.dumps(to_peft_dict(config, model), indent=2, sort_keys=True)
+    peft_dict = to_peft_dict(config, model)
+    content = json.dumps(peft_dict, indent=2, sort_keys=True)
+    metadata = {"format": "pt"}
+    hub = hub_name(peft_dict.get("base_model_name_or_path"))
+    if hub:
+        metadata[BASE_MODEL_METADATA] = hub  # the hub's name beside the recorded path (PEFT ignores it)
     atomic.write_files(
         directory,
         {
-            WEIGHTS_NAME: lambda path: write_tensors(tensors, path, metadata={"format": "pt"}),
+            WEIGHTS_NAME: lambda path: write_tensors(tensors, path, metadata=metadata),
             CONFIG_NAME: lambda path: path.write_text(content + "\n"),
         },
         marker=CONFIG_NAME,

@@ -9,6 +9,9 @@ an adapter must never load silently different from how it was trained.
 from __future__ import annotations
 
 import copy
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -108,6 +111,27 @@ def base_model_name(model: nn.Module) -> str | None:
     """The base model's name or path when the model knows it (transformers models do)."""
     name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
     return str(name) if name else None
+
+
+def hub_name(base: str | None) -> str | None:
+    """The model hub's name of a base model, when its path shows one: a hub cache directory
+    (``.../models--ORG--NAME/snapshots/...``) or the ``_name_or_path`` older transformers wrote into
+    config.json. Recorded with the adapter beside the absolute path, so that an error on another machine
+    can say which model to fetch."""
+    if not base:
+        return None
+    path = Path(base)
+    for part in reversed(path.parts):
+        match = re.fullmatch(r"models--([^/]+?)--([^/]+)", part)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    try:
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(recorded, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", recorded) and not Path(recorded).exists():
+        return recorded
+    return None
 
 
 def to_peft_dict(config: DoraConfig, model: nn.Module | None = None) -> dict[str, Any]:
