@@ -117,7 +117,11 @@ def temporary_directory(parent: Path, name: str) -> Path:
     """An empty directory beside ``parent / name``, to be renamed over it by ``replace_directory``."""
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=f".{STAGING}", dir=parent))
-    _public(tmp, directory=True)
+    try:
+        _public(tmp, directory=True)
+    except BaseException:
+        discard(tmp)
+        raise
     return tmp
 
 
@@ -138,17 +142,26 @@ def replace_directory(tmp: Path, target: Path) -> None:
     old copy is removed. The files are flushed to disk before the first rename.
     """
     token = _token(tmp, target.name, STAGING)
-    _fsync_tree(tmp)
     ready = target.parent / f".{target.name}.{token}.{READY}"
-    os.replace(tmp, ready)
+    old = target.parent / f".{target.name}.{token}.{PREVIOUS}"
+    moved = False
+    try:
+        _fsync_tree(tmp)
+        os.replace(tmp, ready)
+        _fsync_dir(target.parent)
+        if target.exists() or target.is_symlink():
+            os.replace(target, old)
+            moved = True
+        os.replace(ready, target)
+    except BaseException:  # an error (not a kill): leave things as they were, the previous copy in place
+        if moved and not (target.exists() or target.is_symlink()):
+            with contextlib.suppress(OSError):
+                os.replace(old, target)
+        for path in (tmp, ready):
+            discard(path)
+        raise
     _fsync_dir(target.parent)
-    old = None
-    if target.exists() or target.is_symlink():
-        old = target.parent / f".{target.name}.{token}.{PREVIOUS}"
-        os.replace(target, old)
-    os.replace(ready, target)
-    _fsync_dir(target.parent)
-    if old is not None:
+    if moved:
         discard(old)
 
 
@@ -261,4 +274,4 @@ def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str,
     except BaseException:
         discard(tmp)
         raise
-    replace_directory(tmp, target)
+    replace_directory(tmp, target)  # removes its temporary copies itself if it fails
