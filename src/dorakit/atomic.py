@@ -82,8 +82,14 @@ def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path]
 
 
 def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
-    """Write one file so that readers see the old content or the new, never a part."""
+    """Write one file so that readers see the old content or the new, never a part.
+
+    Raises:
+        IsADirectoryError: ``path`` is a directory (never replaced by a file).
+    """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a directory; give a file name.")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -165,6 +165,10 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
     from .analysis.decomposition import analyse
     from .analysis.report import write_report
 
+    from .integrations.transformers import check_checkpoint_dir
+
+    _usable_directory(out, "--out")
+    check_checkpoint_dir(base, "Base model")
     rows = analyse(base, checkpoints, modules)
     summary = write_report(rows, Path(out))
     for method, groups in summary.items():
@@ -206,6 +210,18 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     """
     from .analysis.compare import format_table, plan, run_all, table, write
 
+    # Every run is a `dorakit train` subprocess: check what they all share first, not once per failed run.
+    _usable_directory(output, "--output")
+    if model is not None:
+        from .integrations.transformers import check_checkpoint_dir
+
+        check_checkpoint_dir(model)
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"Data file {data} " + ("is not a file." if Path(data).exists() else "does not exist."))
+    if config is not None:
+        from .train.options import read_config_file
+
+        read_config_file(config, name)
     common: list[str] = []
     if data is None:
         from .demo import DEMO_OPTIONS, tweet_sentiment
@@ -227,6 +243,12 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     write(records, rows, out)
     print(format_table(rows))
     print(f"wrote {out}/compare.csv, compare.json, compare.png")
+
+
+def _usable_directory(path: str, flag: str) -> None:
+    """An output directory that is not a file (created later, by whoever writes into it)."""
+    if Path(path).exists() and not Path(path).is_dir():
+        raise NotADirectoryError(f"{flag} {path} is a file; give a directory.")
 
 
 def _base_model(model: str | None, adapter: str | None, flag: str = "--model") -> str:
@@ -377,6 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         if explained is None:
             raise
         code, message = explained
+        message = " ".join(line.strip() for line in message.strip().splitlines())  # one line, whoever wrote it
         print(f"dorakit: error: {message}" if code != 130 else "dorakit: interrupted", file=sys.stderr)
         raise SystemExit(code) from None
 

@@ -108,9 +108,10 @@ def read_adapter_config(directory: str | os.PathLike) -> DoraConfig:
     return from_peft_dict(data, source=str(path))
 
 
-def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
+def read_adapter_tensors(directory: str | os.PathLike, fix: str = "Save the adapter again from the trained model."
+                         ) -> dict[str, Tensor]:
     """The tensors of an adapter directory, keyed as in the file, checked (floating point, finite).
-    Never unpickles anything."""
+    Never unpickles anything; ``fix`` ends the message about a damaged file."""
     directory = _existing_dir(directory)
     path = directory / WEIGHTS_NAME
     if not path.is_file():
@@ -122,7 +123,7 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
             )
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}.")
     # Floating point and finite (issue 19): an int32 tensor would be cast silently, a NaN would spread.
-    return read_tensors(path, fix="Save the adapter again from the trained model.")
+    return read_tensors(path, fix=fix)
 
 
 def load_adapter(

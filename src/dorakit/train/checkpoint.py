@@ -148,7 +148,8 @@ def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim
     state = read_state(directory)
     with _reading(directory):
         if has_adapter(model):
-            load_adapter_tensors(model, read_adapter_tensors(directory / "adapter"), source=str(directory / "adapter"))
+            tensors = read_adapter_tensors(directory / "adapter", fix=damaged(directory))
+            load_adapter_tensors(model, tensors, source=str(directory / "adapter"))
         else:
             _check_file(directory / MODEL_NAME, directory)
             try:
@@ -276,7 +277,8 @@ def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model
     with _reading(directory):
         copy_paths = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
         model_state = {f"model.{from_peft_key(k, copy_paths)}": v
-                       for k, v in read_adapter_tensors(directory / "adapter").items() if k.startswith("base_model.model.")}
+                       for k, v in read_adapter_tensors(directory / "adapter", fix=damaged(directory)).items()
+                       if k.startswith("base_model.model.")}
         # The one-process optimizer numbered the trainable parameters in model order: name them.
         names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
         slots = {names[index]: values for index, values in _optimizer_slots(_optimizer_file(directory)).items()}

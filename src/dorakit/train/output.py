@@ -167,8 +167,8 @@ def _resumed_state(cfg: TrainConfig, out: Path) -> dict:
                          "with --overwrite or in another --output.") from None
     diffs = math_differences(saved, cfg)
     if diffs:
-        raise ValueError("--resume must continue the same run, but these options changed:\n  "
-                         + "\n  ".join(diffs) + "\nDrop them to use the saved values, or start a new --output.")
+        raise ValueError("--resume must continue the same run, but these options changed: " + "; ".join(diffs)
+                         + ". Drop them to use the saved values, or start a new --output.")
     return state
 
 
