@@ -95,3 +95,24 @@ def test_a_non_finite_optimizer_state_is_refused(saved):
     save_file(tensors, str(directory / "optimizer.safetensors"))
     with pytest.raises(ValueError, match=f"NaN or infinite values in 1 tensor.*{key}"):
         restore_checkpoint(directory, model, optimizer, scheduler)
+
+
+def test_a_full_disk_reported_by_safetensors_itself_stops_the_run_and_keeps_the_checkpoint(saved, monkeypatch):
+    # safetensors raises its own SafetensorError for ENOSPC, not OSError: it escaped the clean handler.
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from dorakit.train.distributed import Dist
+    from dorakit.train.loop import TrainingError, _checkpoint
+
+    directory, model, optimizer, scheduler = saved
+    cfg = TrainConfig(output=str(directory.parent), data="x")
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(TrainingError, match=r"step 4 failed \(No space left on device\); the checkpoint of step 3"):
+        _checkpoint(directory.parent, model, model, optimizer, scheduler, Progress(step=4), cfg, 3, Dist())
+    assert read_state(directory)["progress"]["step"] == 3
+    assert sorted(p.name for p in directory.parent.iterdir()) == ["checkpoint"]
