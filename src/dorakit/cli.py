@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import signal
 import sys
 import time
@@ -102,6 +103,7 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     from .integrations.bitsandbytes import Quantization
     from .train.inference import evaluate_file
 
+    _at_least(1, max_examples=max_examples, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
     if data is None:
         from .demo import PROMPT, tweet_sentiment
 
@@ -142,6 +144,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 
     if chat not in ("auto", "on", "off"):
         raise ValueError(f"--chat must be auto, on or off, got {chat!r}.")
+    _at_least(1, max_new_tokens=max_new_tokens)
+    _at_least(0, temperature=temperature)
     print(run_generate(_base_model(model, adapter), prompt, adapter, max_new_tokens=max_new_tokens,
                        temperature=temperature, chat=chat, seed=seed, dtype=dtype,
                        quantization=Quantization.parse(quantize, quant_type, double_quant)))
@@ -168,6 +172,7 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
     from .integrations.transformers import check_checkpoint_dir
 
     _usable_directory(out, "--out")
+    _not_empty(checkpoints=checkpoints, modules=modules)
     check_checkpoint_dir(base, "Base model")
     rows = analyse(base, checkpoints, modules)
     summary = write_report(rows, Path(out))
@@ -212,6 +217,9 @@ def compare(output: str, model: str | None = None, data: str | None = None,
 
     # Every run is a `dorakit train` subprocess: check what they all share first, not once per failed run.
     _usable_directory(output, "--output")
+    _not_empty(methods=methods, ranks=ranks, seeds=seeds)
+    _at_least(1, *ranks, *vera_ranks, max_steps=max_steps, batch_size=batch_size)
+    _above_zero(lr=lr, full_lr=full_lr, vera_lr=vera_lr)
     if model is not None:
         from .integrations.transformers import check_checkpoint_dir
 
@@ -243,6 +251,34 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     write(records, rows, out)
     print(format_table(rows))
     print(f"wrote {out}/compare.csv, compare.json, compare.png")
+    failed = [r for r in records if "error" in r]
+    if failed:  # a table with holes is not a finished comparison: exit 1, like a failed run
+        from .train.loop import TrainingError
+
+        raise TrainingError(f"{len(failed)} of {len(records)} runs failed (first: {failed[0]['run']}: "
+                            f"{failed[0]['error']}). Fix the cause and repeat the command: finished runs are reused.")
+
+
+def _at_least(minimum: int, *ranks: int, **options) -> None:
+    """Options (None: unset) that must be at least ``minimum``; positional values are --ranks/--vera-ranks."""
+    for value in ranks:
+        if value < minimum:
+            raise ValueError(f"Ranks must be at least {minimum}, got {value}.")
+    for name, value in options.items():
+        if value is not None and not value >= minimum:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
+
+
+def _above_zero(**options) -> None:
+    for name, value in options.items():
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}.")
+
+
+def _not_empty(**options) -> None:
+    for name, value in options.items():
+        if not value:
+            raise ValueError(f"--{name.replace('_', '-')} needs at least one value.")
 
 
 def _usable_directory(path: str, flag: str) -> None:

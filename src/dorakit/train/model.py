@@ -80,8 +80,23 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
+        check_rank_size(cfg.rank, model)
         inject_adapters(model, adapter_config(cfg, model, task, str(path)))
     return Loaded(model, tokenizer, task, device, pick_autocast(cfg.precision, device))
+
+
+def check_rank_size(rank: int, model: nn.Module) -> None:
+    """Refuse a rank whose adapters would dwarf the model before they are allocated: a typo such as
+    --r 100000000 otherwise fills the machine's memory (the kernel then kills a process, maybe another's).
+    The estimate counts every 2-D weight as adapted (an upper bound); the limit is generous: 4x the model
+    and at least 1e8 values."""
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    total = sum(p.numel() for p in model.parameters())
+    estimate = rank * sum(p.shape[0] + p.shape[1] for p in weights)
+    if estimate > max(4 * total, 10**8):
+        raise ValueError(f"--r {rank} would make adapters of up to {estimate:,} values, more than 4x this model's "
+                         f"{total:,} parameters; a rank above a layer's min(in, out) adds nothing but memory. "
+                         "The DoRA paper uses r from 4 to 64.")
 
 
 def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quantization=None,

@@ -109,9 +109,26 @@ def claim_output(cfg: TrainConfig, main: bool = True) -> Iterator[dict | None]:
     if not main:
         yield prepare_output(cfg, clear=False)
         return
+    out = Path(cfg.output)
+    created, marked = not out.exists(), is_run_directory(out)
     out = _checked_directory(cfg)
-    with run_lock(out):
-        yield prepare_output(cfg)
+    try:
+        with run_lock(out):
+            yield prepare_output(cfg)
+    except BaseException:
+        _undo_claim(out, created, marked)
+        raise
+
+
+def _undo_claim(out: Path, created: bool, marked: bool) -> None:
+    """A run that failed before writing anything leaves the directory as it found it (bad input changes nothing)."""
+    if [p.name for p in out.iterdir()] != [MARKER_NAME]:
+        return
+    if not marked:
+        (out / MARKER_NAME).unlink(missing_ok=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
 
 
 def prepare_output(cfg: TrainConfig, clear: bool = True) -> dict | None:
