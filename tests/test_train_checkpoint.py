@@ -5,6 +5,7 @@ named with what to do."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,24 @@ def test_a_full_disk_reported_by_safetensors_itself_stops_the_run_and_keeps_the_
         _checkpoint(directory.parent, model, model, optimizer, scheduler, Progress(step=4), cfg, 3, Dist())
     assert read_state(directory)["progress"]["step"] == 3
     assert sorted(p.name for p in directory.parent.iterdir()) == ["checkpoint"]
+
+
+def test_a_metrics_line_cut_short_by_a_kill_does_not_block_resume(tmp_path):
+    from dorakit.train.report import read_metrics, truncate_metrics
+
+    lines = [json.dumps({"step": s, "loss": 1.0}) for s in (1, 2, 3)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "lo')  # killed mid-write
+    truncate_metrics(tmp_path, 2)  # what --resume from the checkpoint of step 2 does
+    assert [m["step"] for m in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\nnot json\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a metrics record"):
+        read_metrics(tmp_path)
+
+
+def test_progress_of_the_wrong_type_is_refused_by_name(saved):
+    directory, model, optimizer, scheduler = saved
+    state = json.loads((directory / "state.json").read_text())
+    state["progress"]["step"] = "3"
+    (directory / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"state.json: step must be an integer, got '3'"):
+        restore_checkpoint(directory, model, optimizer, scheduler)

@@ -46,6 +46,18 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
+@contextlib.contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Give an ``OSError`` raised without a file name (a write to a full disk) the name of ``path``, so the
+    message says where."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is None and err.errno is not None:
+            err.filename = str(path)
+        raise
+
+
 def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path], None]], marker: str) -> None:
     """Write several files into ``directory`` so that readers see the old set or the new set.
 
@@ -64,7 +76,8 @@ def write_files(directory: str | os.PathLike, writers: dict[str, Callable[[Path]
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
             os.close(fd)
             staged[name] = Path(tmp)
-            write(staged[name])
+            with naming(directory / name):
+                write(staged[name])
             _public(staged[name])
             with open(staged[name], "rb+") as handle:
                 os.fsync(handle.fileno())
@@ -94,7 +107,8 @@ def write_file(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        write(Path(tmp))
+        with naming(path):
+            write(Path(tmp))
         _public(Path(tmp))
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
@@ -276,7 +290,8 @@ def new_directory(target: str | os.PathLike, *, overwrite: bool, what: str,
                                   "Choose another path or remove it yourself.")
     tmp = temporary_directory(target.parent, target.name)
     try:
-        yield tmp
+        with naming(target):
+            yield tmp
     except BaseException:
         discard(tmp)
         raise

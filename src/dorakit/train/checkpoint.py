@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import atomic
+from ..fields import check_fields
 from ..inject import CONFIG_ATTR
 from ..formats.peft import load_adapter_tensors, read_adapter_tensors, save_adapter
 from ..formats.tensor_files import read_tensors, save_whole_model, write_tensors
@@ -74,7 +75,9 @@ def _continue_from(state: dict, scheduler) -> Progress:
     scheduler.load_state_dict(state["scheduler"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    return Progress(**state["progress"])
+    progress = Progress(**state["progress"])
+    check_fields(progress, source="state.json")  # a step of "3" would fail far from here
+    return progress
 
 
 def _optimizer_slots(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:

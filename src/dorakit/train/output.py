@@ -79,8 +79,9 @@ def run_lock(out: Path) -> Iterator[None]:
         record = {"written_by": "dorakit train", "pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         data = (json.dumps(record) + "\n").encode()
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, data, 0)  # in place: replacing the file would drop the lock taken on it
+        with atomic.naming(marker):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data, 0)  # in place: replacing the file would drop the lock taken on it
         _held[key] = [fd, 1]
     except BaseException:
         os.close(fd)
