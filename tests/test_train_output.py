@@ -63,6 +63,15 @@ def test_overwrite_deletes_only_what_a_run_wrote(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == [".dorakit-run", "data", "notes.txt"]
 
 
+def test_a_run_of_an_older_dorakit_is_recognised_by_its_own_files(tmp_path):
+    out = tmp_path / "old-run"
+    out.mkdir()
+    (out / "adapter").mkdir()
+    (out / "summary.json").write_text(json.dumps({"status": "finished", "config": {}, "versions": {}}))
+    prepare(config(out, overwrite=True))  # no marker yet, but summary.json is one only a run writes
+    assert sorted(p.name for p in out.iterdir()) == [".dorakit-run"]
+
+
 def test_overwrite_never_deletes_the_model_or_data_in_use(tmp_path):
     out = tmp_path / "run"
     prepare(config(out))

@@ -41,7 +41,22 @@ class OutputInUseError(FileExistsError):
 
 
 def is_run_directory(out: Path) -> bool:
-    return (out / MARKER_NAME).is_file()
+    """Marked by a run, or a run of a dorakit older than the marker (its summary or checkpoint state says so)."""
+    return (out / MARKER_NAME).is_file() or _older_run(out)
+
+
+def _older_run(out: Path) -> bool:
+    """What only a dorakit run writes: summary.json with its status, config and versions, or a checkpoint's
+    state.json with its format and progress (never a name alone: a user's model/ is not a run's)."""
+    for path, keys in ((out / "summary.json", {"status", "config", "versions"}),
+                       (out / "checkpoint" / "state.json", {"format", "progress", "config"})):
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(content, dict) and keys <= set(content):
+            return True
+    return False
 
 
 @contextlib.contextmanager
@@ -198,14 +213,14 @@ def _checked_directory(cfg: TrainConfig) -> Path:
     if cfg.resume:
         if not out.is_dir():
             raise FileNotFoundError(f"No run in {out}: there is nothing to resume. Start the run without --resume.")
-        return out  # resuming deletes nothing; a run of an older dorakit gets its marker now
+        return out  # resuming deletes nothing
     if out.is_dir() and not is_run_directory(out):
         foreign = [name for name in RUN_FILES if (out / name).exists() or (out / name).is_symlink()]
         if foreign:
             raise FileExistsError(
                 f"{out} holds {', '.join(foreign)} but is not a dorakit run directory (every run writes "
                 f"{MARKER_NAME} there first). dorakit never deletes or mixes with files it did not write: choose "
-                "another --output (a run of an older dorakit without the marker: remove it yourself).")
+                "another --output.")
     out.mkdir(parents=True, exist_ok=True)
     return out
 
