@@ -231,7 +231,7 @@ def test_resume_with_truncated_files_names_them(w, capsys, tmp_path):
 
 
 def test_explain_maps_errors_to_exit_codes():
-    from dorakit.cli import explain
+    from dorakit.usage import explain
     from dorakit.train.loop import TrainingError
 
     assert explain(PermissionError(errno.EACCES, "Permission denied", "/x"))[0] == 2

@@ -13,9 +13,7 @@ no --data is given) < a --config file < the saved config of a --resume'd run < t
 from __future__ import annotations
 
 import argparse
-import errno
 import json
-import math
 import signal
 import sys
 import time
@@ -25,6 +23,7 @@ from .integrations.transformers import DTypeName
 from .integrations.bitsandbytes import QuantizeName, QuantType
 from .train.inference import AccuracyMode
 from .train.options import TrainConfig
+from .usage import above_zero, at_least, explain, not_empty, usable_directory
 
 def merge(adapter: str, out: str, base: str | None = None, dtype: DTypeName = "auto", overwrite: bool = False,
           quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True,
@@ -103,7 +102,7 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     from .integrations.bitsandbytes import Quantization
     from .train.inference import evaluate_file
 
-    _at_least(1, max_examples=max_examples, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
+    at_least(1, max_examples=max_examples, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
     if data is None:
         from .demo import PROMPT, tweet_sentiment
 
@@ -144,8 +143,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 
     if chat not in ("auto", "on", "off"):
         raise ValueError(f"--chat must be auto, on or off, got {chat!r}.")
-    _at_least(1, max_new_tokens=max_new_tokens)
-    _at_least(0, temperature=temperature)
+    at_least(1, max_new_tokens=max_new_tokens)
+    at_least(0, temperature=temperature)
     print(run_generate(_base_model(model, adapter), prompt, adapter, max_new_tokens=max_new_tokens,
                        temperature=temperature, chat=chat, seed=seed, dtype=dtype,
                        quantization=Quantization.parse(quantize, quant_type, double_quant)))
@@ -171,8 +170,8 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
 
     from .integrations.transformers import check_checkpoint_dir
 
-    _usable_directory(out, "--out")
-    _not_empty(checkpoints=checkpoints, modules=modules)
+    usable_directory(out, "--out")
+    not_empty(checkpoints=checkpoints, modules=modules)
     check_checkpoint_dir(base, "Base model")
     rows = analyse(base, checkpoints, modules)
     summary = write_report(rows, Path(out))
@@ -216,10 +215,10 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     from .analysis.compare import format_table, plan, run_all, table, write
 
     # Every run is a `dorakit train` subprocess: check what they all share first, not once per failed run.
-    _usable_directory(output, "--output")
-    _not_empty(methods=methods, ranks=ranks, seeds=seeds)
-    _at_least(1, *ranks, *vera_ranks, max_steps=max_steps, batch_size=batch_size)
-    _above_zero(lr=lr, full_lr=full_lr, vera_lr=vera_lr)
+    usable_directory(output, "--output")
+    not_empty(methods=methods, ranks=ranks, seeds=seeds)
+    at_least(1, *ranks, *vera_ranks, max_steps=max_steps, batch_size=batch_size)
+    above_zero(lr=lr, full_lr=full_lr, vera_lr=vera_lr)
     if model is not None:
         from .integrations.transformers import check_checkpoint_dir
 
@@ -257,34 +256,6 @@ def compare(output: str, model: str | None = None, data: str | None = None,
 
         raise TrainingError(f"{len(failed)} of {len(records)} runs failed (first: {failed[0]['run']}: "
                             f"{failed[0]['error']}). Fix the cause and repeat the command: finished runs are reused.")
-
-
-def _at_least(minimum: int, *ranks: int, **options) -> None:
-    """Options (None: unset) that must be at least ``minimum``; positional values are --ranks/--vera-ranks."""
-    for value in ranks:
-        if value < minimum:
-            raise ValueError(f"Ranks must be at least {minimum}, got {value}.")
-    for name, value in options.items():
-        if value is not None and not value >= minimum:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {minimum}, got {value}.")
-
-
-def _above_zero(**options) -> None:
-    for name, value in options.items():
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive number, got {value}.")
-
-
-def _not_empty(**options) -> None:
-    for name, value in options.items():
-        if not value:
-            raise ValueError(f"--{name.replace('_', '-')} needs at least one value.")
-
-
-def _usable_directory(path: str, flag: str) -> None:
-    """An output directory that is not a file (created later, by whoever writes into it)."""
-    if Path(path).exists() and not Path(path).is_dir():
-        raise NotADirectoryError(f"{flag} {path} is a file; give a directory.")
 
 
 def _base_model(model: str | None, adapter: str | None, flag: str = "--model") -> str:
@@ -368,58 +339,6 @@ def train(argv: list[str]) -> int:
 
 COMMANDS = {"train": TrainConfig, "eval": evaluate, "generate": generate, "merge": merge, "analyze": analyze,
             "compare": compare}
-
-
-def explain(err: BaseException) -> tuple[int, str] | None:
-    """(exit code, message) for an error the user can act on, None for a bug (whose traceback is shown).
-
-    Exit 2 for bad input and what the environment refused (a missing, unreadable or foreign file, a
-    read-only or full disk: the system's message with the path, and the fix), 1 for a run stopped by a
-    failure, 130 for Ctrl-C. One error-reporting path for every subcommand (issue 19).
-    """
-    from .train.loop import TrainingError
-
-    if isinstance(err, KeyboardInterrupt):
-        return 130, "interrupted"
-    if isinstance(err, TrainingError):
-        return 1, str(err)
-    if isinstance(err, MemoryError) or "OutOfMemoryError" in type(err).__name__ or (
-            isinstance(err, RuntimeError) and "can't allocate memory" in str(err)):
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return 1, (f"out of memory ({first[:200]}). Lower --batch-size or --micro-batch-size, --max-length or the "
-                   "rank, or use a machine with more memory.")
-    if type(err).__name__ == "SafetensorError":  # a safetensors file dorakit did not route through its readers
-        from .formats.tensor_files import as_os_error
-
-        converted = as_os_error(err, "a safetensors file")
-        if converted is err:
-            return 2, f"a safetensors file could not be read or written ({err})"
-        err = converted
-    if isinstance(err, OSError):
-        return 2, _os_message(err)
-    if isinstance(err, (ValueError, ImportError)):
-        return 2, str(err)
-    return None
-
-
-OS_FIXES = {
-    errno.ENOSPC: "Free disk space (or write elsewhere) and run the command again.",
-    errno.EDQUOT: "Free disk space within your quota (or write elsewhere) and run the command again.",
-    errno.EROFS: "The file system is read-only: choose a writable location.",
-    errno.EACCES: "Check the permissions, or choose a location you can use.",
-    errno.EPERM: "Check the permissions, or choose a location you can use.",
-}
-
-
-def _os_message(err: OSError) -> str:
-    """A file-system error in one line: what the system said, the path, and the fix."""
-    if err.strerror is None:  # dorakit's own messages, which name the file and the fix
-        return str(err)
-    where = f": {err.filename}" if err.filename else ""
-    if err.filename2:
-        where += f" -> {err.filename2}"
-    fix = OS_FIXES.get(err.errno, "")
-    return f"{err.strerror}{where}." + (f" {fix}" if fix else "")
 
 
 def main(argv: list[str] | None = None) -> None:
