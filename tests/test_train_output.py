@@ -164,3 +164,15 @@ def test_train_records_the_base_model_as_an_absolute_path(tiny, tmp_path, monkey
     loaded = load_for_training(config(tmp_path / "run", model=relative), relative, None)
     recorded = to_peft_dict(getattr(loaded.model, CONFIG_ATTR), loaded.model)["base_model_name_or_path"]
     assert recorded == str((tiny / "model").resolve())
+
+
+def test_the_base_models_hub_name_is_recorded_beside_its_path(tmp_path):
+    import dorakit
+    from dorakit.formats.peft import recorded_base
+
+    from .conftest import seeded, tiny_llama
+
+    cached = "/data/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/12fd25f"
+    config = dorakit.DoraConfig(r=2, target_modules=["q_proj"], base_model_name_or_path=cached)
+    dorakit.save_adapter(dorakit.inject_adapters(seeded(tiny_llama), config), tmp_path / "adapter")
+    assert recorded_base(tmp_path / "adapter") == (cached, "HuggingFaceTB/SmolLM2-135M-Instruct")

@@ -167,7 +167,6 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
     """
     from .analysis.decomposition import analyse
     from .analysis.report import write_report
-
     from .integrations.transformers import check_checkpoint_dir
 
     usable_directory(out, "--out")
@@ -268,7 +267,6 @@ def _base_model(model: str | None, adapter: str | None, flag: str = "--model") -
 
         return str(smollm2_path())
     from .formats.peft import CONFIG_NAME, recorded_base
-
     from .formats.peft_config import hub_name
 
     recorded, hub = recorded_base(adapter)
