@@ -69,6 +69,9 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     path = check_model_dir(model_dir)
     task = resolve_task(path, cfg.task)
     device = device or default_device()
+    # A new classification head (the checkpoint's has another size) is drawn from the global RNG while
+    # loading: seed it too, or two runs with the same --seed train different heads.
+    torch.manual_seed(cfg.seed)
     model, tokenizer = load_model(path, task, cfg.dtype, labels, cfg.quantization, device)
     place(model, device)
     if cfg.gradient_checkpointing:
