@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -23,8 +24,10 @@ if not torch.distributed.is_available():
 STEPS = 40
 
 
-def train_command(processes: int | None, *args) -> list[str]:
-    tail = ["-m", "dorakit", "train", *map(str, args)]
+def train_command(processes: int | None, *args, pause_after: int | None = None) -> list[str]:
+    # pause_after: the run waits after that step for the test's signal (tests/pause_after.py: no race)
+    module = ["dorakit"] if pause_after is None else ["tests.pause_after", str(pause_after)]
+    tail = ["-m", *module, "train", *map(str, args)]
     if processes is None:
         return [sys.executable, *tail]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes), *tail]
@@ -89,13 +92,15 @@ def test_two_processes_train_the_one_process_run(setup, strategy):
 
 
 def interrupt(processes, *args):
-    """Start a run, SIGTERM it (torchrun passes the signal on) after its third step; the steps done."""
+    """Start a run, SIGTERM it (torchrun passes the signal on) after its third step; the steps done.
+    The run waits after step 3 until the signal comes, so a slow test process cannot miss the window."""
     out = args[args.index("--output") + 1]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(train_command(processes, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
+    proc = subprocess.Popen(train_command(processes, *args, pause_after=3), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     end = time.monotonic() + 300
-    while len(metrics(out)) < 3 and proc.poll() is None and time.monotonic() < end:
+    path = out / "metrics.jsonl"  # whole lines only: the run may be writing the next one
+    while (not path.is_file() or path.read_text().count("\n") < 3) and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.01)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=300)

@@ -49,7 +49,7 @@ def test_bad_targets_raise_and_leave_the_model_untouched(kwargs, message):
     "kwargs, message",
     [
         (dict(r=0), "r must be a positive integer"),
-        (dict(r=2.5), "r must be a positive integer"),
+        (dict(r=2.5), "r must be an integer, got 2.5"),
         (dict(lora_alpha=0), "lora_alpha must be a positive number"),
         (dict(lora_dropout=1.0), r"lora_dropout must be in \[0, 1\)"),
         (dict(lora_dropout=-0.1), r"lora_dropout must be in \[0, 1\)"),
@@ -57,7 +57,7 @@ def test_bad_targets_raise_and_leave_the_model_untouched(kwargs, message):
         (dict(init_lora_weights="pissa"), "init_lora_weights must be"),
         (dict(rank_pattern={"fc1": 0}), "r must be a positive integer"),
         (dict(target_modules="("), "not a valid regular expression"),
-        (dict(target_modules=[1, 2]), "must be a list of module names"),
+        (dict(target_modules=[1, 2]), "target_modules must be a list of strings"),
     ],
 )
 def test_bad_hyperparameters_raise_value_error(kwargs, message):

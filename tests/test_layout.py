@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "dorakit"
-CORE = {"functional", "config", "targets", "inject", "layers", "atomic", "modules_to_save", "norm_cache"}
-WINGS = {"formats", "integrations", "analysis", "kernels", "train", "cli", "demo", "assets", "figures"}
+CORE = {"functional", "config", "fields", "targets", "inject", "layers", "atomic", "modules_to_save", "norm_cache"}
+WINGS = {"formats", "integrations", "analysis", "kernels", "train", "cli", "usage", "demo", "assets", "figures"}
 
 
 def _dorakit_imports(path: Path) -> set[str]:

@@ -116,9 +116,13 @@ def test_existing_output_needs_overwrite(tmp_path):
     (tmp_path / "merged" / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError, match="overwrite=True"):
         dorakit.save_merged(model, tmp_path / "merged")
+    # overwrite replaces a merged checkpoint, never a directory of other files (issue 19)
+    with pytest.raises(FileExistsError, match="is not a merged checkpoint .*overwrite only replaces"):
+        dorakit.save_merged(model, tmp_path / "merged", overwrite=True)
     assert [p.name for p in (tmp_path / "merged").iterdir()] == ["keep.txt"]
-    dorakit.save_merged(model, tmp_path / "merged", overwrite=True)
-    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    dorakit.save_merged(model, tmp_path / "other")
+    dorakit.save_merged(model, tmp_path / "other", overwrite=True)
+    assert (tmp_path / "other" / "model.safetensors").is_file()
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary directories left
 
 

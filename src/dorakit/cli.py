@@ -27,11 +27,9 @@ from .integrations.transformers import DTypeName
 from .integrations.bitsandbytes import QuantizeName, QuantType
 from .train.inference import AccuracyMode
 from .train.options import TrainConfig
+from .usage import above_zero, at_least, explain, not_empty, usable_directory
 
-USAGE_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, ValueError, ImportError)
-
-
-def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrite: bool = False,
+def merge(adapter: str, out: str, base: str | None = None, dtype: DTypeName = "auto", overwrite: bool = False,
           quantize: QuantizeName = "none", quant_type: QuantType = "nf4", double_quant: bool = True,
           requantize: str | None = None) -> None:
     """Fold an adapter into its base model and write a plain transformers checkpoint.
@@ -42,9 +40,9 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
     is full precision; the error of storing it back in the same format is measured and printed.
 
     Args:
-        base: Base model: a transformers checkpoint directory.
         adapter: Adapter directory (written by dorakit or by PEFT, LoRA or DoRA).
         out: Output directory for the merged checkpoint (written whole, then renamed into place).
+        base: Base model: a transformers checkpoint directory. Unset: the one the adapter records.
         dtype: Dtype to load the base model in; "auto" keeps the checkpoint's.
         overwrite: Replace a non-empty output directory.
         quantize: The quantization the adapter was trained over (as `dorakit train --quantize`).
@@ -62,6 +60,7 @@ def merge(base: str, adapter: str, out: str, dtype: DTypeName = "auto", overwrit
     if requantize is not None and quantization is None:
         raise ValueError("--requantize re-quantizes the merge of an adapter trained over a quantized base; add --quantize.")
     start = time.perf_counter()
+    base = _base_model(base, adapter, flag="--base")
     model = load_pretrained(base, dtype, quantization)
     load_adapter(model, adapter)
     layers = len(adapter_layers(model))
@@ -125,7 +124,8 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
 
     Args:
         adapter: Adapter directory (dorakit's or PEFT's). Unset: the base model alone.
-        model: Base model directory. Unset: the adapter's recorded base, else the embedded SmolLM2.
+        model: Base model directory. Unset: the adapter's recorded base (an error if it is not here); without
+            --adapter, the embedded SmolLM2.
         data: Data file (the shapes `dorakit train` reads). Unset: the embedded tweet-sentiment test split.
         accuracy: For label-style data (text/label, or few short recurring targets in any shape): rank the
             candidate labels by likelihood, parse a greedy answer, both, or none.
@@ -144,6 +144,7 @@ def evaluate(adapter: str | None = None, model: str | None = None, data: str | N
     from .integrations.bitsandbytes import Quantization
     from .train.inference import evaluate_file
 
+    at_least(1, max_examples=max_examples, batch_size=batch_size, max_length=max_length, max_new_tokens=max_new_tokens)
     default_template = None
     if data is None:
         from .demo import PROMPT, tweet_sentiment
@@ -170,7 +171,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
     Args:
         prompt: The text to continue (sent as a user turn when the chat template is used).
         adapter: Adapter directory. Unset: the base model alone.
-        model: Base model directory. Unset: the adapter's recorded base, else the embedded SmolLM2.
+        model: Base model directory. Unset: the adapter's recorded base (an error if it is not here); without
+            --adapter, the embedded SmolLM2.
         max_new_tokens: Tokens to generate at most.
         temperature: 0 for greedy decoding; above 0 samples.
         chat: auto uses the tokenizer's chat template when it has one; on requires it; off sends raw text.
@@ -185,6 +187,8 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 
     if chat not in ("auto", "on", "off"):
         raise ValueError(f"--chat must be auto, on or off, got {chat!r}.")
+    at_least(1, max_new_tokens=max_new_tokens)
+    at_least(0, temperature=temperature)
     print(run_generate(_base_model(model, adapter), prompt, adapter, max_new_tokens=max_new_tokens,
                        temperature=temperature, chat=chat, seed=seed, dtype=dtype,
                        quantization=Quantization.parse(quantize, quant_type, double_quant)))
@@ -207,7 +211,11 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
     """
     from .analysis.decomposition import analyse
     from .analysis.report import write_report
+    from .integrations.transformers import check_checkpoint_dir
 
+    usable_directory(out, "--out")
+    not_empty(checkpoints=checkpoints, modules=modules)
+    check_checkpoint_dir(base, "Base model")
     rows = analyse(base, checkpoints, modules)
     summary = write_report(rows, Path(out))
     for method, groups in summary.items():
@@ -249,6 +257,21 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     """
     from .analysis.compare import format_table, plan, run_all, table, write
 
+    # Every run is a `dorakit train` subprocess: check what they all share first, not once per failed run.
+    usable_directory(output, "--output")
+    not_empty(methods=methods, ranks=ranks, seeds=seeds)
+    at_least(1, *ranks, *vera_ranks, max_steps=max_steps, batch_size=batch_size)
+    above_zero(lr=lr, full_lr=full_lr, vera_lr=vera_lr)
+    if model is not None:
+        from .integrations.transformers import check_checkpoint_dir
+
+        check_checkpoint_dir(model)
+    if data is not None and not Path(data).is_file():
+        raise FileNotFoundError(f"Data file {data} " + ("is not a file." if Path(data).exists() else "does not exist."))
+    if config is not None:
+        from .train.options import read_config_file
+
+        read_config_file(config, name)
     common: list[str] = []
     if data is None:
         from .demo import DEMO_OPTIONS, tweet_sentiment
@@ -270,27 +293,44 @@ def compare(output: str, model: str | None = None, data: str | None = None,
     write(records, rows, out)
     print(format_table(rows))
     print(f"wrote {out}/compare.csv, compare.json, compare.png")
+    failed = [r for r in records if "error" in r]
+    if failed:  # a table with holes is not a finished comparison: exit 1, like a failed run
+        from .train.loop import TrainingError
+
+        raise TrainingError(f"{len(failed)} of {len(records)} runs failed (first: {failed[0]['run']}: "
+                            f"{failed[0]['error']}). Fix the cause and repeat the command: finished runs are reused.")
 
 
-def _base_model(model: str | None, adapter: str | None) -> str:
+def _base_model(model: str | None, adapter: str | None, flag: str = "--model") -> str:
+    """The base model to load: the one given, else the adapter's recorded one, else (no adapter) the
+    embedded SmolLM2. Never another model than the adapter's (issue 19): a missing one is an error."""
     if model is not None:
         return model
-    if adapter is not None:
-        from .formats.peft import read_adapter_config
+    if adapter is None:
+        from .assets import smollm2_path
 
-        recorded = read_adapter_config(adapter).base_model_name_or_path
-        if recorded and Path(recorded).is_dir():
-            return recorded
-    from .assets import smollm2_path
+        return str(smollm2_path())
+    from .formats.peft import CONFIG_NAME, recorded_base
+    from .formats.peft_config import hub_name
 
-    return str(smollm2_path())
+    recorded, hub = recorded_base(adapter)
+    hub = hub or hub_name(recorded)
+    if recorded and Path(recorded).is_dir():
+        return recorded
+    where = f"{Path(adapter) / CONFIG_NAME}"
+    if not recorded:
+        raise ValueError(f"The adapter {adapter} records no base model ({where} has no base_model_name_or_path); "
+                         f"pass the model it was trained on with {flag} DIR.")
+    named = f" ({hub} on the model hub)" if hub and hub != recorded else ""
+    raise FileNotFoundError(f"The adapter {adapter} was trained on {recorded}{named}, which is not a directory here "
+                            f"(recorded in {where}). Pass that model with {flag} DIR (a local transformers checkpoint).")
 
 
 def train_config(argv: list[str]) -> TrainConfig:
     """The TrainConfig for ``dorakit train ARGV`` with its layered defaults (see the module docstring)."""
     import tyro
 
-    from .train.loop import resumable_state
+    from .train.output import resumable_state
     from .train.options import read_config_file
 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -371,9 +411,14 @@ def main(argv: list[str] | None = None) -> None:
         if argv and argv[0] == "train":
             raise SystemExit(train(argv[1:]))
         tyro.extras.subcommand_cli_from_dict(COMMANDS, args=argv, prog="dorakit")
-    except USAGE_ERRORS as err:
-        print(f"dorakit: error: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    except (Exception, KeyboardInterrupt) as err:
+        explained = explain(err)
+        if explained is None:
+            raise
+        code, message = explained
+        message = " ".join(line.strip() for line in message.strip().splitlines())  # one line, whoever wrote it
+        print(f"dorakit: error: {message}" if code != 130 else "dorakit: interrupted", file=sys.stderr)
+        raise SystemExit(code) from None
 
 
 if __name__ == "__main__":

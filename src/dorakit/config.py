@@ -11,6 +11,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .fields import check_fields
 from .layers.base import check_hyperparameters
 
 BIAS_MODES = ("none", "all", "lora_only")
@@ -57,6 +58,7 @@ class DoraConfig:
     magnitude_axis: str = "out"
 
     def __post_init__(self) -> None:
+        check_fields(self)  # strict types first (issue 19): "false" is not False, 8.0 is not 8
         check_hyperparameters(self.r, self.lora_alpha, self.lora_dropout, self.init_lora_weights)
         if self.direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {DIRECTIONS}, got {self.direction!r}.")

@@ -68,7 +68,7 @@ def run_all(runs: list[Planned], common: list[str], full_lr: float | None, outpu
     for index, item in enumerate(runs, start=1):
         out = output / item.name
         summary_path = out / "summary.json"
-        done = summary_path.is_file() and json.loads(summary_path.read_text())["status"] == "finished"
+        done = summary_path.is_file() and _status(summary_path) == "finished"
         if not done:
             own_lr = full_lr if item.rank is None else vera_lr if item.method in VERA_METHODS else None
             extra = ["--lr", str(own_lr)] if own_lr is not None else []
@@ -91,6 +91,14 @@ def run_all(runs: list[Planned], common: list[str], full_lr: float | None, outpu
             "peak_memory_mb": summary["peak_memory_mb"],
         })
     return records
+
+
+def _status(summary_path: Path) -> str | None:
+    """A run's status from its summary.json; None (run it again) when the file is damaged."""
+    try:
+        return json.loads(summary_path.read_text(encoding="utf-8")).get("status")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:

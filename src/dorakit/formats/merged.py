@@ -20,12 +20,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import atomic
 from ..inject import adapter_layers, refuse_tied_adapted_weights, unload
 from .peft import load_adapter, save_adapter
 from .keys import is_adapter_key
+from .tensor_files import read_tensors, write_tensors
 from ..modules_to_save import ModulesToSave
 
 NORMS_NAME = "dorakit_merge.safetensors"
@@ -33,6 +35,8 @@ ADAPTER_SUBDIR = "dorakit_adapter"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 5 * 2**30
+NORMS_FIX = (f"The exact unmerge needs it whole: merge again from the base model and the adapter (kept in "
+             f"{ADAPTER_SUBDIR}/), or load this checkpoint as a plain model.")
 
 
 def merged_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -63,6 +67,7 @@ def merged_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Te
         else:
             weight = layer.base_layer.weight.detach().clone()
             layer_norms = {name: v.float() for name, v in layer.merge_into(weight).items()}
+        refuse_non_finite(path, weight, layer)
         state[f"{path}.weight"] = weight
         norms.update({f"{path}.{name}": v for name, v in layer_norms.items()})
     return state, norms
@@ -92,10 +97,8 @@ def save_merged(
         dorakit.save_merged(model, "out/merged", tokenizer=tokenizer)
         plain = transformers.AutoModelForCausalLM.from_pretrained("out/merged")  # no dorakit needed
     """
-    from safetensors.torch import save_file
-
     state, norms = merged_state_dict(model)
-    with atomic.new_directory(directory, overwrite=overwrite, what="merged checkpoint") as tmp:
+    with atomic.new_directory(directory, overwrite=overwrite, what="merged checkpoint", ours=is_merged_checkpoint) as tmp:
         config = getattr(model, "config", None)
         if hasattr(config, "save_pretrained"):
             config.save_pretrained(tmp)
@@ -103,7 +106,7 @@ def save_merged(
         if hasattr(generation, "save_pretrained"):
             generation.save_pretrained(tmp)
         _write_weights(_unique_tensors(state), tmp, max_shard_bytes)
-        save_file(norms, str(tmp / NORMS_NAME), metadata={"format": "pt"})
+        write_tensors(norms, tmp / NORMS_NAME, metadata={"format": "pt"})
         save_adapter(model, tmp / ADAPTER_SUBDIR)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -118,8 +121,6 @@ def load_merged(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
     Raises:
         FileNotFoundError / ValueError: the directory lacks dorakit's files, or they do not fit.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     norms_path = directory / NORMS_NAME
     if not norms_path.is_file() or not (directory / ADAPTER_SUBDIR).is_dir():
@@ -127,7 +128,10 @@ def load_merged(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
             f"{directory} has no {NORMS_NAME} and {ADAPTER_SUBDIR}/: it was not written by dorakit.save_merged, "
             "so the merge cannot be undone from it."
         )
-    norms = load_file(str(norms_path))
+    norms = read_tensors(norms_path, fix=NORMS_FIX)
+    negative = [key for key, value in norms.items() if bool((value < 0).any())]
+    if negative:
+        raise ValueError(f"{norms_path} holds negative row norms ({', '.join(negative[:3])}): it is damaged. {NORMS_FIX}")
     load_adapter(model, directory / ADAPTER_SUBDIR)
     try:
         for path, layer in adapter_layers(model):
@@ -144,6 +148,22 @@ def load_merged(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
         unload(model)
         raise
     return model
+
+
+def is_merged_checkpoint(directory: Path) -> bool:
+    """Whether ``directory`` was written by ``save_merged`` (what ``overwrite`` may replace)."""
+    return (directory / NORMS_NAME).is_file()
+
+
+def refuse_non_finite(path: str, weight: Tensor, layer: nn.Module | None = None) -> None:
+    """Never write a non-finite merged weight (issue 19): say whether the base weight or the adapter is why."""
+    if bool(torch.isfinite(weight).all()):
+        return
+    base = getattr(layer, "base_weight", None)
+    base_ok = base is None or layer.merged or not base().is_floating_point() or bool(torch.isfinite(base()).all())
+    cause = "the adapter's tensors or their scale overflow" if base_ok else "the base model's weight itself is not finite"
+    raise ValueError(f"Merging the adapter into '{path}' gives NaN or infinite weights ({cause}); nothing was written. "
+                     "Check the adapter (dorakit.load_adapter checks its tensors) and the base model.")
 
 
 def _plain_key(key: str, layers: dict[str, nn.Module], copies: set[str]) -> str | None:
@@ -176,8 +196,6 @@ def _unique_tensors(state: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _write_weights(state: dict[str, Tensor], directory: Path, max_shard_bytes: int) -> None:
-    from safetensors.torch import save_file
-
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for key, tensor in state.items():
@@ -188,12 +206,12 @@ def _write_weights(state: dict[str, Tensor], directory: Path, max_shard_bytes: i
         shards[-1][key] = tensor
         size += nbytes
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        write_tensors(shards[0], directory / WEIGHTS_NAME, metadata={"format": "pt"})
         return
     weight_map = {}
     for i, shard in enumerate(shards, start=1):
         name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / name), metadata={"format": "pt"})
+        write_tensors(shard, directory / name, metadata={"format": "pt"})
         weight_map.update({key: name for key in shard})
     total = sum(t.numel() * t.element_size() for t in state.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}

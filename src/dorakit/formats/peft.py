@@ -18,15 +18,30 @@ from torch import Tensor, nn
 from .. import atomic
 from ..config import DoraConfig
 from ..inject import CONFIG_ATTR, inject_adapters, unload
-from .keys import PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
+from .keys import PEFT_PREFIX, PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
 from ..layers import VeraProjection
 from ..modules_to_save import ModulesToSave
-from .peft_config import from_peft_dict, to_peft_dict
+from .peft_config import from_peft_dict, hub_name, to_peft_dict
+from .tensor_files import read_tensors, write_tensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 SHOWN = 2  # offending keys listed per kind of problem (with the count of the others)
+BASE_MODEL_METADATA = "base_model"  # safetensors metadata: the base model's hub name, when known
+
+
+def recorded_base(directory: str | os.PathLike) -> tuple[str | None, str | None]:
+    """(base_model_name_or_path, hub name) an adapter directory records; either may be None."""
+    from safetensors import safe_open
+
+    config = read_adapter_config(directory)
+    try:
+        with safe_open(str(Path(directory) / WEIGHTS_NAME), "pt") as handle:
+            hub = (handle.metadata() or {}).get(BASE_MODEL_METADATA)
+    except Exception:  # an unreadable weights file is reported when it is loaded
+        hub = None
+    return config.base_model_name_or_path, hub
 
 
 def save_adapter(
@@ -51,8 +66,6 @@ def save_adapter(
         dorakit.save_adapter(model, "out/adapter")
         peft_model = peft.PeftModel.from_pretrained(base_model, "out/adapter")  # PEFT reads it as its own
     """
-    from safetensors.torch import save_file
-
     config = getattr(model, CONFIG_ATTR, None)
     if not isinstance(config, DoraConfig):
         raise ValueError("This model has no dorakit adapter to save; call dorakit.inject_adapters first.")
@@ -69,11 +82,16 @@ def save_adapter(
     projection = model_projection(model)
     if projection is not None and config.save_projection:
         tensors.update({key: getattr(projection, name).detach().contiguous().clone() for name, key in PROJECTION_KEYS.items()})
-    content = json.dumps(to_peft_dict(config, model), indent=2, sort_keys=True)
+    peft_dict = to_peft_dict(config, model)
+    content = json.dumps(peft_dict, indent=2, sort_keys=True)
+    metadata = {"format": "pt"}
+    hub = hub_name(peft_dict.get("base_model_name_or_path"))
+    if hub:
+        metadata[BASE_MODEL_METADATA] = hub  # the hub's name beside the recorded path (PEFT ignores it)
     atomic.write_files(
         directory,
         {
-            WEIGHTS_NAME: lambda path: save_file(tensors, str(path), metadata={"format": "pt"}),
+            WEIGHTS_NAME: lambda path: write_tensors(tensors, path, metadata=metadata),
             CONFIG_NAME: lambda path: path.write_text(content + "\n"),
         },
         marker=CONFIG_NAME,
@@ -95,10 +113,10 @@ def read_adapter_config(directory: str | os.PathLike) -> DoraConfig:
     return from_peft_dict(data, source=str(path))
 
 
-def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
-    """The tensors of an adapter directory, keyed as in the file. Never unpickles anything."""
-    from safetensors.torch import load_file
-
+def read_adapter_tensors(directory: str | os.PathLike, fix: str = "Save the adapter again from the trained model."
+                         ) -> dict[str, Tensor]:
+    """The tensors of an adapter directory, keyed as in the file, checked (floating point, finite).
+    Never unpickles anything; ``fix`` ends the message about a damaged file."""
     directory = _existing_dir(directory)
     path = directory / WEIGHTS_NAME
     if not path.is_file():
@@ -109,13 +127,8 @@ def read_adapter_tensors(directory: str | os.PathLike) -> dict[str, Tensor]:
                 f"Convert it to {WEIGHTS_NAME} with PEFT (save_pretrained(..., safe_serialization=True))."
             )
         raise FileNotFoundError(f"{directory} has no {WEIGHTS_NAME}.")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own error types for corrupt headers and data
-        raise ValueError(
-            f"{path} is not a readable safetensors file ({type(err).__name__}: {err}). It may be truncated "
-            "or corrupt; save the adapter again."
-        ) from None
+    # Floating point and finite (issue 19): an int32 tensor would be cast silently, a NaN would spread.
+    return read_tensors(path, fix=fix)
 
 
 def load_adapter(
@@ -136,6 +149,7 @@ def load_adapter(
     """
     config = read_adapter_config(directory)
     tensors = read_adapter_tensors(directory)
+    check_ranks(config, tensors, str(directory))  # before injecting allocates what the config asks for
     try:
         inject_adapters(model, config, adapter_dtype=adapter_dtype)
     except ValueError as err:
@@ -190,6 +204,7 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: s
         )
     if problems:
         raise ValueError(f"{source} does not fit this model: " + "; ".join(problems) + ".")
+    _refuse_zero_magnitudes(model, given, source)
     with torch.no_grad():
         for key, value in given.items():
             model_state[key].copy_(value.to(device=model_state[key].device, dtype=model_state[key].dtype))
@@ -222,6 +237,44 @@ def _missing_problems(missing: list[str], expected: dict[str, Tensor]) -> list[s
     if other:
         problems.append(f"{len(other)} missing tensor(s): {_first([to_peft_key(k) for k in other])}")
     return problems
+
+
+def check_ranks(config: DoraConfig, tensors: dict[str, Tensor], source: str) -> None:
+    """The ranks of the file's tensors must be the config's, compared before anything is allocated:
+    a config saying r=1000000000 must not make ``inject_adapters`` try to allocate terabytes first."""
+    first_dim = {".lora_A.weight": "lora_A", ".lora_embedding_A": "lora_embedding_A", ".vera_lambda_d": "vera_lambda_d"}
+    found = 0
+    for key, value in tensors.items():
+        suffix = next((s for s in first_dim if key.endswith(s)), None)
+        if suffix is None or not key.startswith(PEFT_PREFIX) or value.dim() == 0:
+            continue
+        found += 1
+        path = key[len(PEFT_PREFIX): -len(suffix)]
+        rank = config.r if config.direction == "vera" else config.rank_for(path)
+        if value.shape[0] != rank:
+            raise ValueError(f"{source}: {CONFIG_NAME} gives rank {rank} for '{path}', but {WEIGHTS_NAME} holds "
+                             f"{first_dim[suffix]} {list(value.shape)} (rank {value.shape[0]}): the config and the "
+                             "weights do not belong together. Save the adapter again.")
+    if not found and config.target_modules:
+        raise ValueError(f"{source}: {WEIGHTS_NAME} holds no adapter tensors (lora_A, lora_embedding_A or "
+                         "vera_lambda_d) for the targets its config names; save the adapter again.")
+
+
+def _refuse_zero_magnitudes(model: nn.Module, given: dict[str, Tensor], source: str) -> None:
+    """A DoRA magnitude that is zero for every row zeroes every output of its layer (and makes the exact
+    unmerge divide by zero): a damaged file or one saved before the magnitudes were set, unless the
+    base weight itself is all zero."""
+    zero = []
+    for key, value in given.items():
+        if key.endswith(".lora_magnitude_vector") and value.numel() and not bool(value.any()):
+            base = model.get_submodule(key[: -len(".lora_magnitude_vector")]).base_weight()
+            if not base.is_floating_point() or bool(base.any()):
+                zero.append(to_peft_key(key))
+    if zero:
+        raise ValueError(f"{source}: the DoRA magnitudes (lora_magnitude_vector) of {len(zero)} layer(s) are all "
+                         f"zero: {_first(zero)}. Loaded or merged, every output of those layers would be zero. The "
+                         "file is damaged or its magnitudes were never set (they start as the base weight's row "
+                         "norms); save the adapter again from the trained model.")
 
 
 def model_projection(model: nn.Module) -> VeraProjection | None:

@@ -9,11 +9,15 @@ an adapter must never load silently different from how it was trained.
 from __future__ import annotations
 
 import copy
+import json
+import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from ..config import DoraConfig
+from ..fields import check_values
 
 # The format version written; PEFT uses it only to warn about adapters from newer versions.
 PEFT_FORMAT_VERSION = "0.21.2"
@@ -109,6 +113,27 @@ def base_model_name(model: nn.Module) -> str | None:
     return str(name) if name else None
 
 
+def hub_name(base: str | None) -> str | None:
+    """The model hub's name of a base model, when its path shows one: a hub cache directory
+    (``.../models--ORG--NAME/snapshots/...``) or the ``_name_or_path`` older transformers wrote into
+    config.json. Recorded with the adapter beside the absolute path, so that an error on another machine
+    can say which model to fetch."""
+    if not base:
+        return None
+    path = Path(base)
+    for part in reversed(path.parts):
+        match = re.fullmatch(r"models--([^/]+?)--([^/]+)", part)
+        if match:
+            return f"{match.group(1)}/{match.group(2)}"
+    try:
+        recorded = json.loads((path / "config.json").read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(recorded, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", recorded) and not Path(recorded).exists():
+        return recorded
+    return None
+
+
 def to_peft_dict(config: DoraConfig, model: nn.Module | None = None) -> dict[str, Any]:
     """The ``adapter_config.json`` content PEFT writes for the same adapter.
 
@@ -164,7 +189,11 @@ def _vera_config(data: dict[str, Any], source: str) -> DoraConfig:
         raise ValueError(f"{source} has bias={data.get('bias')!r}; VeRA's are {sorted(VERA_BIAS.values())}.")
     kwargs = {name: data[name] for name in VERA_SHARED_FIELDS if data.get(name) is not None}
     kwargs.update({ours: data[theirs] for ours, theirs in VERA_RENAMED.items() if data.get(theirs) is not None})
-    kwargs.update(direction="vera", bias=bias, use_dora=bool(data.get("use_dora", False)))
+    if data.get("use_dora") is not None:
+        kwargs["use_dora"] = data["use_dora"]  # checked as a boolean below: "false" must not mean True
+    check_values(DoraConfig, kwargs, source, names=VERA_RENAMED)
+    kwargs.update(direction="vera", bias=bias)
+    kwargs.setdefault("use_dora", False)
     kwargs.setdefault("r", PEFT_VERA_FIELDS["r"])
     try:
         return DoraConfig(**kwargs)
@@ -208,14 +237,16 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> DoraConfig
             f"{source} uses feature(s) dorakit does not implement: {shown}. Loading it anyway would give a "
             "model that computes something else than the one trained."
         )
-    init = data.get("init_lora_weights", True)
+    kwargs = {name: data[name] for name in SHARED_FIELDS if name in data and data[name] is not None}
+    # Strict types before any use of a value (issue 19): 1 in PLAIN_INITS would read as True.
+    check_values(DoraConfig, kwargs, source)
+    init = kwargs.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
         raise ValueError(
             f"{source} has init_lora_weights={init!r}, which changes the base weights at init (residual "
             "model); dorakit needs an adapter for the unmodified base. Convert it with PEFT first "
             "(save_pretrained(..., path_initial_model_for_weight_conversion=...))."
         )
-    kwargs = {name: data[name] for name in SHARED_FIELDS if name in data and data[name] is not None}
     kwargs["init_lora_weights"] = PLAIN_INITS[init]
     kwargs.setdefault("use_dora", False)  # PEFT's default: a file without the field is plain LoRA
     try:

@@ -119,6 +119,7 @@ def save_merged_dequantized(
         over all merged weights, "worst_layer": ..., "worst_relative_error": ...}} (the last when measured).
     """
     from .. import atomic
+    from ..formats.merged import refuse_non_finite
     from ..inject import adapter_layers, merge_and_unload
 
     dtype = floating_dtype(model)
@@ -127,6 +128,8 @@ def save_merged_dequantized(
     for path in paths:
         model.get_submodule(path).to(dtype)
     dequantize_model(model, dtype)
+    for path in paths:  # never write a non-finite merged weight (issue 19)
+        refuse_non_finite(path, model.get_submodule(path).weight.detach())
     report: dict = {"layers": len(paths), "dtype": str(dtype).replace("torch.", "")}
     if requantize is not None:
         per_layer = {path: requantization_error(model.get_submodule(path).weight.detach(), requantize) for path in paths}

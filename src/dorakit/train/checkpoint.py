@@ -12,6 +12,7 @@ disk while writing leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 from dataclasses import dataclass
@@ -22,13 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from .. import atomic
+from ..fields import check_fields
 from ..inject import CONFIG_ATTR
 from ..formats.peft import load_adapter_tensors, read_adapter_tensors, save_adapter
+from ..formats.tensor_files import read_tensors, save_whole_model, write_tensors
 
 STATE_NAME = "state.json"
 MODEL_NAME = "model.safetensors"
 TENSORS_NAME = "optimizer.safetensors"
 FORMAT = 1
+STATE_KEYS = {"progress": dict, "scheduler": dict, "python_rng": list, "config": dict}  # what every state.json holds
 
 
 @dataclass
@@ -71,7 +75,9 @@ def _continue_from(state: dict, scheduler) -> Progress:
     scheduler.load_state_dict(state["scheduler"])
     version, internal, gauss = state["python_rng"]
     random.setstate((version, tuple(internal), gauss))
-    return Progress(**state["progress"])
+    progress = Progress(**state["progress"])
+    check_fields(progress, source="state.json")  # a step of "3" would fail far from here
+    return progress
 
 
 def _optimizer_slots(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]:
@@ -87,8 +93,6 @@ def _optimizer_slots(tensors: dict[str, Tensor]) -> dict[int, dict[str, Tensor]]
 def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, progress: Progress, config: dict) -> None:
     """Write the whole training state to ``directory`` (replacing the previous checkpoint atomically)."""
-    from safetensors.torch import save_file, save_model
-
     opt = optimizer.state_dict()
     tensors: dict[str, Tensor] = {}
     for index, slots in opt["state"].items():
@@ -103,39 +107,92 @@ def save_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Op
         if has_adapter(model):
             save_adapter(model, tmp / "adapter")
         else:
-            save_model(model, str(tmp / MODEL_NAME))  # handles tied weights (stored once)
-        save_file(tensors, str(tmp / TENSORS_NAME))
+            save_whole_model(model, tmp / MODEL_NAME)  # handles tied weights (stored once)
+        write_tensors(tensors, tmp / TENSORS_NAME)
         (tmp / STATE_NAME).write_text(json.dumps(state, indent=1), encoding="utf-8")
 
 
+def damaged(directory: Path) -> str:
+    """What to do about a checkpoint that cannot be read (the end of every such message)."""
+    return (f"The checkpoint in {directory} is damaged and cannot be resumed: start the run again with --overwrite "
+            "(or in another --output), or put back a copy of the checkpoint.")
+
+
 def read_state(directory: Path) -> dict:
-    """The checkpoint's state.json (step, position, config ...), or an error saying there is none."""
-    path = directory / STATE_NAME
+    """The checkpoint's state.json (step, position, config ...), or an error saying there is none or
+    what is wrong with it. Reads the newest complete copy when a kill interrupted a replacement
+    (``atomic.complete_copy``; the run puts it in place when it resumes)."""
+    source = atomic.complete_copy(directory) or directory
+    path = source / STATE_NAME
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint in {directory}: there is nothing to resume. Start the run without --resume.")
-    state = json.loads(path.read_text(encoding="utf-8"))
-    if state.get("format") != FORMAT:
-        raise ValueError(f"{path} has checkpoint format {state.get('format')}, this dorakit reads format {FORMAT}.")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); it may be truncated. {damaged(directory)}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else None
+        raise ValueError(f"{path} has checkpoint format {found}, this dorakit reads format {FORMAT}.")
+    missing = [key for key, kind in STATE_KEYS.items() if not isinstance(state.get(key), kind)]
+    if missing:
+        raise ValueError(f"{path} lacks {', '.join(missing)} (or has the wrong type there). {damaged(directory)}")
     return state
 
 
 def restore_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: torch.optim.lr_scheduler.LRScheduler) -> Progress:
-    """Load adapter, optimizer, scheduler and RNG states into a freshly built run; returns its progress."""
-    from safetensors.torch import load_file, load_model
+    """Load adapter, optimizer, scheduler and RNG states into a freshly built run; returns its progress.
+
+    Raises:
+        ValueError / FileNotFoundError: a file of the checkpoint is missing, truncated or does not fit, named.
+    """
+    from safetensors.torch import load_model
 
     state = read_state(directory)
-    if has_adapter(model):
-        load_adapter_tensors(model, read_adapter_tensors(directory / "adapter"), source=str(directory / "adapter"))
-    else:
-        load_model(model, str(directory / MODEL_NAME), device=str(next(model.parameters()).device))
-    tensors = load_file(str(directory / TENSORS_NAME))
-    optimizer.load_state_dict({"state": _optimizer_slots(tensors), "param_groups": state["param_groups"]})
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    return _continue_from(state, scheduler)
+    with _reading(directory):
+        if has_adapter(model):
+            tensors = read_adapter_tensors(directory / "adapter", fix=damaged(directory))
+            load_adapter_tensors(model, tensors, source=str(directory / "adapter"))
+        else:
+            _check_file(directory / MODEL_NAME, directory)
+            try:
+                load_model(model, str(directory / MODEL_NAME), device=str(next(model.parameters()).device))
+            except Exception as err:  # safetensors' own error type for a truncated file
+                raise ValueError(f"{directory / MODEL_NAME} cannot be read ({type(err).__name__}: {err}). "
+                                 f"{damaged(directory)}") from None
+        tensors = _optimizer_file(directory)
+        optimizer.load_state_dict({"state": _optimizer_slots(tensors), "param_groups": state["param_groups"]})
+        torch.set_rng_state(tensors["rng.torch"])
+        cuda_states = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+        if cuda_states and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(cuda_states)
+        return _continue_from(state, scheduler)
+
+
+def _check_file(path: Path, directory: Path) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing. {damaged(directory)}")
+
+
+def _optimizer_file(directory: Path) -> dict[str, Tensor]:
+    """optimizer.safetensors, checked: its float tensors finite (RNG states are bytes)."""
+    _check_file(directory / TENSORS_NAME, directory)
+    return read_tensors(directory / TENSORS_NAME, fix=damaged(directory), floating=False)
+
+
+@contextlib.contextmanager
+def _reading(directory: Path):
+    """Name the checkpoint in errors from restoring what its files hold (a wrong key, shape or type)."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise
+    except (KeyError, TypeError, IndexError, RuntimeError) as err:
+        raise ValueError(f"{directory} does not fit this run ({type(err).__name__}: {err}). {damaged(directory)}") from None
+    except ValueError as err:
+        if str(directory) in str(err):
+            raise
+        raise ValueError(f"{directory} does not fit this run ({err}). {damaged(directory)}") from None
 
 
 # ---- multi-process runs (--strategy ddp|fsdp): torch.distributed.checkpoint ---------------------------
@@ -193,17 +250,18 @@ def restore_distributed_checkpoint(directory: Path, wrapped: nn.Module, optimize
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = read_state(directory)
-    dcp_state = _dcp_state(wrapped, optimizer)
-    if not dcp_state["model"]:
-        raise ValueError(f"This model has no trainable tensors to restore from {directory}.")
-    # dcp.load fails on any trainable key the checkpoint lacks; strict=False below is for the frozen
-    # base, which is not in the checkpoint.
-    dcp.load(dcp_state, checkpoint_id=str(directory / DCP_NAME))
-    set_state_dict(wrapped, optimizer, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"],
-                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
-    if state.get("processes") == run.world:  # per-process RNG (dropout) continues exactly
-        torch.set_rng_state(torch.tensor(state["torch_rng"][run.rank], dtype=torch.uint8))
-    return _continue_from(state, scheduler)
+    with _reading(directory):
+        dcp_state = _dcp_state(wrapped, optimizer)
+        if not dcp_state["model"]:
+            raise ValueError(f"This model has no trainable tensors to restore from {directory}.")
+        # dcp.load fails on any trainable key the checkpoint lacks; strict=False below is for the frozen
+        # base, which is not in the checkpoint.
+        dcp.load(dcp_state, checkpoint_id=str(directory / DCP_NAME))
+        set_state_dict(wrapped, optimizer, model_state_dict=dcp_state["model"], optim_state_dict=dcp_state["optim"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        if state.get("processes") == run.world:  # per-process RNG (dropout) continues exactly
+            torch.set_rng_state(torch.tensor(state["torch_rng"][run.rank], dtype=torch.uint8))
+        return _continue_from(state, scheduler)
 
 
 def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model: nn.Module,
@@ -211,7 +269,6 @@ def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model
     """Load a one-process checkpoint (adapter/ + optimizer.safetensors) into a multi-process run:
     the whole tensors, keyed by parameter name, are handed to ``set_state_dict``, which shards them
     (FSDP) or copies them (DDP)."""
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     from ..formats.keys import from_peft_key
@@ -220,13 +277,15 @@ def restore_single_process_checkpoint(directory: Path, wrapped: nn.Module, model
     state = read_state(directory)
     if not has_adapter(model):
         raise ValueError(f"{directory} holds a one-process full fine-tuning checkpoint; resume it with one process.")
-    copy_paths = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
-    model_state = {f"model.{from_peft_key(k, copy_paths)}": v
-                   for k, v in read_adapter_tensors(directory / "adapter").items() if k.startswith("base_model.model.")}
-    # The one-process optimizer numbered the trainable parameters in model order: name them.
-    names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
-    slots = {names[index]: values for index, values in _optimizer_slots(load_file(str(directory / TENSORS_NAME))).items()}
-    groups = [{**group, "params": names} for group in state["param_groups"]]
-    set_state_dict(wrapped, optimizer, model_state_dict=model_state, optim_state_dict={"state": slots, "param_groups": groups},
-                   options=StateDictOptions(full_state_dict=True, strict=False))
-    return _continue_from(state, scheduler)
+    with _reading(directory):
+        copy_paths = {p for p, m in model.named_modules() if isinstance(m, ModulesToSave)}
+        model_state = {f"model.{from_peft_key(k, copy_paths)}": v
+                       for k, v in read_adapter_tensors(directory / "adapter", fix=damaged(directory)).items()
+                       if k.startswith("base_model.model.")}
+        # The one-process optimizer numbered the trainable parameters in model order: name them.
+        names = [f"model.{n}" for n, p in model.named_parameters() if p.requires_grad]
+        slots = {names[index]: values for index, values in _optimizer_slots(_optimizer_file(directory)).items()}
+        groups = [{**group, "params": names} for group in state["param_groups"]]
+        set_state_dict(wrapped, optimizer, model_state_dict=model_state, optim_state_dict={"state": slots, "param_groups": groups},
+                       options=StateDictOptions(full_state_dict=True, strict=False))
+        return _continue_from(state, scheduler)

@@ -8,9 +8,7 @@ gives bit-identical losses to never stopping (tests/test_train_resume.py checks 
 
 from __future__ import annotations
 
-import json
 import math
-import shutil
 import signal
 import threading
 import time
@@ -24,7 +22,7 @@ from ..inject import trainable_parameters
 from ..formats.peft import save_adapter
 from ..formats.keys import is_adapter_key
 from .batches import collate, encode_all, split, training_order
-from .checkpoint import (Progress, has_adapter, is_distributed_checkpoint, read_state, restore_checkpoint,
+from .checkpoint import (Progress, has_adapter, is_distributed_checkpoint, restore_checkpoint,
                          restore_distributed_checkpoint, restore_single_process_checkpoint, save_checkpoint,
                          save_distributed_checkpoint)
 from .distributed import (Dist, FullParameters, TrainStep, full_trainable_state, init_distributed, set_gradient_sync,
@@ -34,13 +32,11 @@ from .evaluate import EvalSetup, evaluate_loss, rank_accuracy
 from .loss import autocast, selective_head
 from .labels import distribution, distribution_line, imbalance_warning
 from .model import load_for_training
-from .options import TrainConfig, math_differences
+from .options import TrainConfig
+from .output import claim_output, prepare_output  # noqa: F401 (prepare_output: the demo checks --output early)
 from .report import MetricsLog, plot_losses, truncate_metrics, write_summary
 from .run_record import RunRecord, write_record
 from .schedule import make_scheduler
-
-RUN_FILES = ("adapter", "model", "checkpoint", "checkpoints", "metrics.jsonl", "summary.json", "loss.png")
-
 
 class TrainingError(RuntimeError):
     """A run stopped on purpose (non-finite loss, a checkpoint that could not be written)."""
@@ -87,40 +83,6 @@ def resolve_inputs(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
-def prepare_output(cfg: TrainConfig, clear: bool = True) -> dict | None:
-    """Check --output against --resume/--overwrite; returns the saved state when resuming. Only
-    ``clear`` (one process of a multi-process run) removes an overwritten run's files."""
-    out = Path(cfg.output)
-    if cfg.resume:
-        state = resumable_state(out)
-        diffs = math_differences(TrainConfig(**state["config"]), cfg)
-        if diffs:
-            raise ValueError("--resume must continue the same run, but these options changed:\n  "
-                             + "\n  ".join(diffs) + "\nDrop them to use the saved values, or start a new --output.")
-        return state
-    existing = [name for name in RUN_FILES if (out / name).exists()]
-    if existing and not cfg.overwrite:
-        raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}). Continue it with --resume, "
-                              "replace it with --overwrite, or choose another --output.")
-    if clear:
-        for name in existing:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        out.mkdir(parents=True, exist_ok=True)
-    return None
-
-
-def resumable_state(out: Path) -> dict:
-    """The checkpoint state of the unfinished run in ``out``, or an error saying why there is none."""
-    try:
-        finished = json.loads((out / "summary.json").read_text(encoding="utf-8")).get("status") == "finished"
-    except (OSError, ValueError):
-        finished = False
-    if finished:
-        raise ValueError(f"The run in {out} has finished; there is nothing to resume. Its adapter: {out / 'adapter'}.")
-    return read_state(out / "checkpoint")
-
-
 def run(cfg: TrainConfig) -> dict:
     """Train per ``cfg``; returns the run summary (also written to OUTPUT/summary.json).
 
@@ -132,15 +94,16 @@ def run(cfg: TrainConfig) -> dict:
     """
     processes = init_distributed(cfg.strategy)
     try:
-        return _run(cfg, processes)
+        cfg = resolve_inputs(cfg)
+        # Rank 0 locks --output for the whole run (a second run on it is refused) and prepares it.
+        with claim_output(cfg, processes.main) as saved:
+            return _run(cfg, processes, saved)
     finally:
         processes.close()
 
 
-def _run(cfg: TrainConfig, processes: Dist) -> dict:
+def _run(cfg: TrainConfig, processes: Dist, saved: dict | None) -> dict:
     main = processes.main
-    cfg = resolve_inputs(cfg)
-    saved = prepare_output(cfg, clear=main)
     processes.barrier()  # rank 0 has cleared an overwritten run before anyone writes
     # Read and check all data before the (slow) model load: a bad line fails in seconds.
     data = read_run_data(cfg)
@@ -273,7 +236,13 @@ def _run(cfg: TrainConfig, processes: Dist) -> dict:
             log.close()
     result = out / ("adapter" if has_adapter(model) else "model")
     if status == "finished":
-        save_result(result)
+        try:
+            save_result(result)
+        except OSError as err:  # a full disk at the very end: say what is kept (issue 19)
+            then = (f"the checkpoint of step {saved_step} in {out / 'checkpoint'} is intact: free disk space and "
+                    "continue with --resume" if saved_step else "no checkpoint was written: free disk space and run "
+                    "again with --overwrite")
+            raise TrainingError(f"Writing {result} failed ({err.strerror or err}); {then}.") from None
     peaks = processes.gather(_peak_memory_mb(loaded.device))
     if not main:
         return {"status": status}

@@ -9,13 +9,13 @@ import torch
 from torch import nn
 
 from ..config import DoraConfig
-from ..integrations.transformers import default_device, place, quantized_loading, require_transformers, torch_dtype
+from ..integrations.transformers import (check_checkpoint_dir, default_device, place, quantized_loading,
+                                         require_transformers, torch_dtype)
 from ..inject import inject_adapters
 from ..layers import is_conv1d
 from ..targets import ALL_LINEAR  # every Linear/Conv1D of attention and MLP; never the output head
 from .options import TrainConfig
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 CLASSIFIER_HEADS = ("score", "classifier")  # the new head of transformers' *ForSequenceClassification
 
 
@@ -29,24 +29,15 @@ class Loaded:
 
 
 def check_model_dir(path: str | Path) -> Path:
-    """A readable transformers checkpoint directory, or an error that says what is missing."""
+    """A readable transformers checkpoint directory with safetensors weights, or an error that says what is
+    missing (pickle-only weights are refused, never loaded; a GGUF file gets the command that converts it)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".gguf":
         raise ValueError(
             f"{path} is a GGUF file (llama.cpp's format), not a transformers checkpoint directory. Convert it once "
             f"(needs the gguf package): python -c \"from dorakit.assets import convert_gguf; "
             f"convert_gguf('{path}', '{path.with_suffix('')}-hf')\" and pass --model {path.with_suffix('')}-hf.")
-    if path.is_file():
-        raise NotADirectoryError(f"--model {path} is a file; it must be a transformers checkpoint directory (what "
-                                 "save_pretrained writes: config.json and the weights).")
-    if not path.is_dir():
-        raise FileNotFoundError(f"Model directory {path} does not exist.")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} has no config.json; --model must be a transformers checkpoint directory "
-                                "(what save_pretrained writes).")
-    if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise FileNotFoundError(f"{path} has a config but no weights (none of {', '.join(WEIGHT_FILES)}).")
-    return path
+    return check_checkpoint_dir(path)
 
 
 def resolve_task(path: Path, task: str) -> str:
@@ -98,8 +89,23 @@ def load_for_training(cfg: TrainConfig, model_dir: str | Path, labels: list[str]
     if cfg.method == "full":
         model.requires_grad_(True)
     else:
+        check_rank_size(cfg.rank, model)
         inject_adapters(model, adapter_config(cfg, model, task, str(path)))
     return Loaded(model, tokenizer, task, device, pick_autocast(cfg.precision, device))
+
+
+def check_rank_size(rank: int, model: nn.Module) -> None:
+    """Refuse a rank whose adapters would dwarf the model before they are allocated: a typo such as
+    --r 100000000 otherwise fills the machine's memory (the kernel then kills a process, maybe another's).
+    The estimate counts every 2-D weight as adapted (an upper bound); the limit is generous: 4x the model
+    and at least 1e8 values."""
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    total = sum(p.numel() for p in model.parameters())
+    estimate = rank * sum(p.shape[0] + p.shape[1] for p in weights)
+    if estimate > max(4 * total, 10**8):
+        raise ValueError(f"--r {rank} would make adapters of up to {estimate:,} values, more than 4x this model's "
+                         f"{total:,} parameters; a rank above a layer's min(in, out) adds nothing but memory. "
+                         "The DoRA paper uses r from 4 to 64.")
 
 
 def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quantization=None,
@@ -118,10 +124,10 @@ def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quan
             raise ValueError("A classification model needs text/label data (a 'label' field).")
         model = transformers.AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch_dtype(dtype), num_labels=len(labels), id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True,
+            label2id={name: i for i, name in enumerate(labels)}, ignore_mismatched_sizes=True, use_safetensors=True,
             **quantized_loading(quantization, dtype, device))
     else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype), use_safetensors=True,
                                                                   **quantized_loading(quantization, dtype, device))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
@@ -137,6 +143,6 @@ def adapter_config(cfg: TrainConfig, model: nn.Module, task: str, base: str) -> 
         # VeRA's shared projections are drawn from the run's seed, so seeds vary them as they vary LoRA's A.
         direction="vera" if cfg.method in ("vera", "dvora") else "lora", projection_prng_key=cfg.seed,
         modules_to_save=save or None, task_type="SEQ_CLS" if task == "classification" else "CAUSAL_LM",
-        base_model_name_or_path=base,
+        base_model_name_or_path=str(Path(base).resolve()),  # absolute: the adapter works from any directory
         fan_in_fan_out=any(is_conv1d(m) for m in model.modules()),  # GPT-2 style [in, out] weights
     )

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..fields import check_fields, check_values
 from ..integrations.transformers import DTypeName
 from ..integrations.bitsandbytes import Quantization, QuantizeName, QuantType
 from .distributed import Strategy
@@ -142,6 +145,7 @@ class TrainConfig:
     """Which named configuration of --config to use, when the file holds several."""
 
     def __post_init__(self) -> None:
+        check_fields(self)  # strict types first (issue 19): a YAML 'lr: fast' is refused here, not a TypeError below
         positive = {"r": self.rank, "batch_size": self.batch_size, "max_length": self.max_length,
                     "max_val_examples": self.max_val_examples}
         if self.micro_batch_size is not None:
@@ -251,7 +255,7 @@ def check_keys(options: dict[str, Any], where: str) -> dict[str, Any]:
     for key, value in options.items():
         norm = str(key).replace("-", "_")
         if norm == "quant_bits":  # FinLoRA's name; its values 4 and 8 mean exactly --quantize 4bit / 8bit
-            if value not in (4, 8):
+            if type(value) is not int or value not in (4, 8):
                 raise ValueError(f"quant_bits in {where} must be 4 or 8 (or use quantize: none), got {value!r}.")
             norm, value = "quantize", f"{value}bit"
         if norm not in names:
@@ -266,12 +270,14 @@ def read_config_file(path: str | Path, name: str | None) -> dict[str, Any]:
     (FinLoRA-style named configurations, chosen with ``name``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Config file {path} does not exist.")
-    text = path.read_text(encoding="utf-8")
+        raise FileNotFoundError(f"Config file {path} " + ("is not a file." if path.exists() else "does not exist."))
     import yaml
 
     try:
-        content = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        text = path.read_text(encoding="utf-8")
+        content = json.loads(text) if path.suffix.lower() == ".json" else yaml.load(text, Loader=_yaml_loader())
+    except UnicodeDecodeError:
+        raise ValueError(f"Config file {path} is not UTF-8 text; give a YAML or JSON file.") from None
     except (ValueError, yaml.YAMLError) as err:
         raise ValueError(f"Config file {path} could not be parsed: {err}") from None
     if content is None:
@@ -286,11 +292,32 @@ def read_config_file(path: str | Path, name: str | None) -> dict[str, Any]:
         if name not in content:
             raise ValueError(f"No configuration named {name!r} in {path}.{closest(name, list(content))} "
                              f"Names there: {', '.join(sorted(content))}.")
-        return check_keys(content[name], f"{path} [{name}]")
+        return _checked(content[name], f"{path} [{name}]")
     if named:
         raise ValueError(f"{path} holds several named configurations; choose one with --name "
                          f"(one of: {', '.join(sorted(content))}).")
-    return check_keys(content, str(path))
+    return _checked(content, str(path))
+
+
+def _checked(options: dict[str, Any], where: str) -> dict[str, Any]:
+    """Known option names, each value of its option's type (named with the file: issue 19)."""
+    options = check_keys(options, where)
+    check_values(TrainConfig, options, source=where)
+    return options
+
+
+@functools.cache
+def _yaml_loader():
+    """PyYAML's safe loader, reading 1e-4 as a number as YAML 1.2 (and JSON) do: PyYAML follows YAML 1.1,
+    where a float needs a dot (1.0e-4), and would hand 'lr: 1e-4' over as text."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    exponent = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", exponent, list("-+0123456789"))
+    return Loader
 
 
 def math_differences(saved: TrainConfig, current: TrainConfig) -> list[str]:

@@ -18,10 +18,26 @@ PLOT_NAME = "loss.png"
 
 
 def read_metrics(output: Path) -> list[dict[str, Any]]:
+    """The records of metrics.jsonl. A last line cut short (a kill while it was written: it comes after the
+    last checkpoint, which is written after its step's line) is left out; any other damage is named."""
     path = output / METRICS_NAME
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        elif not (number == len(lines) and not text.endswith("\n")):
+            raise ValueError(f"{path}:{number} is not a metrics record; remove that line (or the file) and run again.")
+    return records
 
 
 def truncate_metrics(output: Path, step: int) -> None:
