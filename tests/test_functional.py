@@ -244,3 +244,17 @@ def test_cancelled_rows_are_recomputed_exactly():
     exact = torch.linalg.vector_norm(w0.double() + b.double() @ a.double(), dim=1)
     assert rel_err(norm, exact) < 1e-6
     assert norm[0].item() == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_merge_with_a_given_norm_divides_by_it_and_unmerges_exactly():
+    # Several DoRA adapters merged in turn on one PEFT layer: each m is divided by the norm over the
+    # unmerged base, not over the weight it is merged into.
+    w = torch.tensor([[3.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
+    m = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    given = torch.tensor([4.0, 5.0], dtype=torch.float64)
+    merged = w.clone()
+    F.merge_rows_(merged, A.double(), B.double(), 1.0, m, norm=given)
+    expected = (m / given)[:, None] * (w + B.double() @ A.double())
+    assert torch.equal(merged, expected)
+    F.unmerge_rows_(merged, A.double(), B.double(), 1.0, m, merge_norm=given)
+    assert rel_err(merged, w) < 1e-15
