@@ -14,6 +14,7 @@ from .formats.peft import load_adapter, read_adapter_config, save_adapter
 from .layers import AdapterLayer
 from .norm_cache import refresh_norms
 from .formats.merged import load_merged, save_merged
+from .integrations.peft_patch import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "load_adapter",
     "load_merged",
     "merge_and_unload",
+    "patch_peft",
     "print_trainable_parameters",
     "read_adapter_config",
     "refresh_norms",
@@ -33,4 +35,5 @@ __all__ = [
     "save_merged",
     "trainable_parameters",
     "unload",
+    "unpatch_peft",
 ]
