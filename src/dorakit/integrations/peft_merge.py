@@ -87,7 +87,8 @@ def merge_into(peft_layer: nn.Module, adapter_name: str, weight: Tensor) -> bool
         # the quantization error, so only the divisor is kept (the unmerge is as exact as the storage).
         record.pop("base_row_norm", None)
     view._merged_norms = record
-    peft_layer._cache_store(cache_key(adapter_name), record["row_norm"])
+    # In the magnitude's shape, as PEFT's own unmerge divides the magnitude by it ([1, out, 1, 1] for a conv).
+    peft_layer._cache_store(cache_key(adapter_name), record["row_norm"].reshape(view.lora_magnitude_vector.shape))
     return True
 
 
