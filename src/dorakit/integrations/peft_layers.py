@@ -149,6 +149,10 @@ def view_class(peft_layer: nn.Module) -> type | str:
         return f"{kind} with lora_bias=True"
     cls = type(peft_layer)
     if cls in _peft_classes("peft.tuners.lora.bnb", "Linear8bitLt", "Linear4bit"):
+        if getattr(getattr(base.weight, "quant_state", None), "packing_format_for_cpu", False):
+            # Ran in eval mode on the CPU before the patch: bitsandbytes repacked the weight, and its rows
+            # can no longer be read exactly (see QuantizedRows).
+            return f"{kind} repacked by bitsandbytes for CPU inference"
         return PeftQuantizedView if is_quantized_linear(base) else kind
     if cls in _peft_classes("peft.tuners.lora.layer", "Linear"):
         if is_quantized_linear(base):
