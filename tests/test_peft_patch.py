@@ -90,6 +90,11 @@ def covered_layers(model) -> list[str]:
 
 @pytest.mark.parametrize("case", sorted(TOY_CASES))
 def test_parity_every_layer_type(case):
+    from peft.tuners.lora import layer
+
+    if case == "scaled_embedding" and not hasattr(layer.Embedding, "_get_embed_scale"):
+        pytest.xfail("this PEFT ignores a scaled embedding's embed_scale (Gemma) in the adapter's share; dorakit "
+                     "applies it, as PEFT does since 0.18")
     builder, make_input, targets = TOY_CASES[case]
     assert_parity(peft_dora(builder, targets), make_input())
 
