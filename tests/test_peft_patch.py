@@ -171,6 +171,8 @@ def test_patch_and_unpatch_restore_peft_exactly():
     from peft.tuners.lora import variants
 
     classes = [getattr(variants, name) for name in peft_patch.VARIANTS]
+    four_bit = peft_patch._bnb_4bit_class()  # its forward too, where bitsandbytes is installed
+    classes += [four_bit] if four_bit is not None else []
     before = {cls: dict(cls.__dict__) for cls in classes}
     handle = dorakit.patch_peft()
     assert peft_patch.is_patched() and handle.applied

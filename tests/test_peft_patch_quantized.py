@@ -94,3 +94,25 @@ def test_a_layer_repacked_for_cpu_inference_before_the_patch_keeps_peft_code(lla
     with dorakit.patch_peft(), torch.no_grad():
         with pytest.warns(UserWarning, match="repacked by bitsandbytes"):
             assert rel_err(model(IDS).logits, expected) < 1e-6
+
+
+def test_a_4bit_training_step_reads_the_weight_in_one_pass_for_output_and_norm(llama_dir, monkeypatch):
+    """One active DoRA adapter, grad enabled: the layer runs as dorakit's QuantizedLinear (base output and
+    W0 @ A^T from one pass); otherwise PEFT's forward with the patched variant."""
+    from dorakit.layers import quantized
+
+    calls = []
+    real = quantized._QuantizedMatmul.apply
+    monkeypatch.setattr(quantized._QuantizedMatmul, "apply", lambda *a: calls.append(1) or real(*a))
+    theirs, ours = peft_qdora(llama_dir, "nf4"), peft_qdora(llama_dir, "nf4")
+    copy_adapter(theirs, ours)
+    out_p, grads_p = outputs_and_grads(theirs)
+    with dorakit.patch_peft():
+        out_o, grads_o = outputs_and_grads(ours)
+        assert len(calls) == 14
+        with torch.no_grad():
+            ours(IDS)
+        assert len(calls) == 14  # inference: PEFT's forward, the variant's cached norm
+    assert rel_err(out_o, out_p) < 1e-5
+    for key in grads_p:
+        assert rel_err(grads_o[key], grads_p[key]) < 1e-4, key

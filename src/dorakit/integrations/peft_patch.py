@@ -18,6 +18,12 @@ factored norm without an [out, in] temporary, cached once per optimizer step (``
 folded compose, finite outputs on zero rows, fp32 norms under autocast, and the exact chunked merge
 (``peft_merge``). A layer dorakit does not cover (GPTQ, HQQ, grouped convolutions, ...) runs PEFT's
 original code, with a warning once per kind of layer.
+
+One more method is replaced where bitsandbytes is installed: ``peft.tuners.lora.bnb.Linear4bit.forward``,
+for a training step of a layer with one active DoRA adapter only. A variant receives the base output
+already computed, so there the whole layer runs as dorakit's ``QuantizedLinear``, which gets the base
+output and W0 @ A^T for the norm from one pass over the 4-bit weight (a QDoRA step then reads each
+quantized weight twice, as QLoRA does, not three times). Every other call is PEFT's own forward.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ import torch
 from torch import nn
 
 from . import peft_merge
-from .peft_layers import VIEW_ATTR, adapter_view, new_view
+from .peft_layers import VIEW_ATTR, PeftQuantizedView, adapter_view, new_view
 
 SUPPORTED_RANGE = "0.17 to 0.21"
 TESTED_VERSIONS = ("0.17.1", "0.21.2")
@@ -52,6 +58,9 @@ METHODS = {
     "unmerge": ("module", "active_adapter", "orig_weight"),
 }
 LAYER_METHODS = ("get_base_layer", "_cache_store", "_cache_pop")
+# PEFT's bitsandbytes 4-bit layer: its forward, and what the fused training path reads of it
+BNB_FORWARD = ("self", "x")
+BNB_ATTRS = ("active_adapters", "disable_adapters", "merged", "lora_variant", "lora_A")
 
 _MISSING = object()
 _saved: dict[tuple[type, str], object] = {}  # (class, method) -> its own __dict__ entry before patching
@@ -116,6 +125,11 @@ def check_peft() -> dict[type, type]:
     for method in LAYER_METHODS:
         if not callable(getattr(layer.LoraLayer, method, None)):
             problems.append(f"peft.tuners.lora.layer.LoraLayer.{method} is missing")
+    four_bit = _bnb_4bit_class()
+    if four_bit is not None:
+        params = tuple(inspect.signature(four_bit.forward).parameters)
+        if params[: len(BNB_FORWARD)] != BNB_FORWARD or not all(hasattr(four_bit, a) for a in BNB_ATTRS[:3]):
+            problems.append(f"peft.tuners.lora.bnb.Linear4bit.forward{params} or its attributes changed")
     if problems:
         raise PeftVersionError(
             f"dorakit.patch_peft() supports PEFT {SUPPORTED_RANGE} (tested: {', '.join(TESTED_VERSIONS)}); the "
@@ -123,6 +137,15 @@ def check_peft() -> dict[type, type]:
             f"supported PEFT ({INSTALL_HINT}) or use dorakit's own layers (dorakit.inject_adapters), which need no "
             "PEFT internals. Nothing was patched.")
     return found
+
+
+def _bnb_4bit_class() -> type | None:
+    """PEFT's bitsandbytes 4-bit LoRA layer, if bitsandbytes is installed (PEFT defines it only then)."""
+    try:
+        from peft.tuners.lora import bnb
+    except ImportError:
+        return None
+    return getattr(bnb, "Linear4bit", None)
 
 
 def is_patched() -> bool:
@@ -163,6 +186,10 @@ def patch_peft() -> PeftPatch:
             original = getattr(cls, method)  # the plain function (own or inherited)
             _saved[(cls, method)] = cls.__dict__.get(method, _MISSING)
             setattr(cls, method, staticmethod(_REPLACEMENTS[method](original, holder, fan_in_fan_out)))
+    four_bit = _bnb_4bit_class()
+    if four_bit is not None:
+        _saved[(four_bit, "forward")] = four_bit.__dict__.get("forward", _MISSING)
+        four_bit.forward = _bnb_4bit_forward(four_bit.forward, tuple(holders))
     return PeftPatch(applied=True)
 
 
@@ -250,6 +277,18 @@ def _unmerge(original, holder_cls, fan_in_fan_out):
         unmerged = peft_merge.unmerged_copy(module, active_adapter, orig_weight)
         return original(module, active_adapter, orig_weight) if unmerged is None else unmerged
     return unmerge
+
+
+def _bnb_4bit_forward(original, dora_variants: tuple[type, ...]):
+    def forward(self, x, *args, **kwargs):
+        if not (args or kwargs) and torch.is_grad_enabled() and not (self.disable_adapters or self.merged):
+            active = [name for name in self.active_adapters if name in self.lora_A]
+            if len(active) == 1 and isinstance(self.lora_variant.get(active[0]), dora_variants):
+                view = adapter_view(self, active[0])
+                if isinstance(view, PeftQuantizedView):
+                    return view(x)  # QuantizedLinear.forward: the one-pass path (PEFT's own path with dropout)
+        return original(self, x, *args, **kwargs)
+    return forward
 
 
 _REPLACEMENTS = {"init": _init, "forward": _forward, "merge_safe": _merge_safe, "merge_unsafe": _merge_unsafe,
