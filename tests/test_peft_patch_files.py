@@ -39,7 +39,7 @@ def test_saved_under_the_patch_loads_in_unpatched_peft_and_the_reverse(tmp_path)
     with dorakit.patch_peft():
         loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "unpatched")
         assert len(covered_layers(loaded)) == 15
-        loaded.load_adapter(tmp_path / "patched", adapter_name="other")
+        loaded.load_adapter(tmp_path / "patched", adapter_name="other", low_cpu_mem_usage=True)  # meta first
         with torch.no_grad():
             assert rel_err(output_of(loaded, LLAMA_IDS), peft_logits) < TOL
             loaded.set_adapter("other")
