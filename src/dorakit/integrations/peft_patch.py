@@ -60,7 +60,7 @@ METHODS = {
 LAYER_METHODS = ("get_base_layer", "_cache_store", "_cache_pop")
 # PEFT's bitsandbytes 4-bit layer: its forward, and what the fused training path reads of it
 BNB_FORWARD = ("self", "x")
-BNB_ATTRS = ("active_adapters", "disable_adapters", "merged", "lora_variant", "lora_A")
+BNB_ATTRS = ("active_adapters", "disable_adapters", "merged")  # (and the instance's lora_A, lora_variant)
 
 _MISSING = object()
 _saved: dict[tuple[type, str], object] = {}  # (class, method) -> its own __dict__ entry before patching
@@ -128,7 +128,7 @@ def check_peft() -> dict[type, type]:
     four_bit = _bnb_4bit_class()
     if four_bit is not None:
         params = tuple(inspect.signature(four_bit.forward).parameters)
-        if params[: len(BNB_FORWARD)] != BNB_FORWARD or not all(hasattr(four_bit, a) for a in BNB_ATTRS[:3]):
+        if params[: len(BNB_FORWARD)] != BNB_FORWARD or not all(hasattr(four_bit, a) for a in BNB_ATTRS):
             problems.append(f"peft.tuners.lora.bnb.Linear4bit.forward{params} or its attributes changed")
     if problems:
         raise PeftVersionError(
