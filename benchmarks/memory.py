@@ -16,8 +16,8 @@ import resource
 
 import torch
 
-from .common import (METHODS, SPECS, adapt, build_base, environment, memory_by_method, memory_line, parse_batches, rss_mb,
-                     write_result)
+from .common import (METHODS, SPECS, adapt, build_base, environment, memory_by_method, memory_line, parse_batches, patched,
+                     rss_mb, write_result)
 
 
 def child(method: str, model_name: str, batch: int, seq: int, steps: int, threads: int) -> dict:
@@ -33,10 +33,11 @@ def child(method: str, model_name: str, batch: int, seq: int, steps: int, thread
         ids = ids.cuda()
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
-    for _ in range(steps):
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    with patched(method):
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
 

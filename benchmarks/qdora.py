@@ -4,8 +4,9 @@ double quantization, loaded through transformers' BitsAndBytesConfig).
     python -m benchmarks.qdora                      # step time interleaved in one process, then memory
     python -m benchmarks.qdora --quant-type fp4 --batches 4x128
 
-Methods over the same quantized base: dorakit_qdora, dorakit_qlora, peft_qdora, peft_qlora (ratios
-to peft_qlora, the cost QLoRA users accept). PEFT's DoRA dequantizes each quantized weight whole on
+Methods over the same quantized base: dorakit_qdora, dorakit_qlora, peft_qdora, peft_qlora and
+peft_qdora_patched (PEFT's QDoRA under dorakit.patch_peft()); ratios to peft_qlora, the cost QLoRA
+users accept. PEFT's DoRA dequantizes each quantized weight whole on
 every forward; dorakit's reads it a few rows at a time once per step for the norm and reuses the
 quantized matmul's output. Step time: all four models in one process, interleaved rounds, medians.
 Memory: each method in its own process (peak RSS on CPU, max_memory_allocated on CUDA).
@@ -18,9 +19,10 @@ import json
 
 import torch
 
-from .common import TARGETS, PeakRSS, environment, interleaved, memory_by_method, memory_line, summarise, write_result
+from .common import (TARGETS, PeakRSS, environment, interleaved, memory_by_method, memory_line, patched, summarise,
+                     write_result)
 
-METHODS = ("dorakit_qdora", "dorakit_qlora", "peft_qdora", "peft_qlora")
+METHODS = ("dorakit_qdora", "dorakit_qlora", "peft_qdora", "peft_qlora", "peft_qdora_patched")
 R, ALPHA = 8, 16
 
 
@@ -35,7 +37,7 @@ def load_quantized(quant_type: str):
 
 
 def adapt(model, method: str):
-    use_dora = method.endswith("qdora")
+    use_dora = "qdora" in method
     if method.startswith("dorakit"):
         import dorakit
 
@@ -43,7 +45,9 @@ def adapt(model, method: str):
                                                                  use_dora=use_dora))
     import peft
 
-    return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS, use_dora=use_dora))
+    with patched(method):
+        return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
+                                                          use_dora=use_dora))
 
 
 def step_fn(model, optimizer, ids):
@@ -70,8 +74,10 @@ def timing(args) -> list[dict]:
         for name, param in models["peft_qdora"].named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.01)
-    state = {from_peft_key(k): v for k, v in peft.get_peft_model_state_dict(models["peft_qdora"]).items()}
-    models["dorakit_qdora"].load_state_dict(state, strict=False)
+    peft_state = peft.get_peft_model_state_dict(models["peft_qdora"])
+    models["dorakit_qdora"].load_state_dict({from_peft_key(k): v for k, v in peft_state.items()}, strict=False)
+    loaded = peft.set_peft_model_state_dict(models["peft_qdora_patched"], peft_state)
+    assert not loaded.unexpected_keys, loaded.unexpected_keys
     optimizers = {m: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
                   for m, model in models.items()}
     results = []
@@ -79,12 +85,16 @@ def timing(args) -> list[dict]:
         ids = device_ids(batch, seq)
         for model in models.values():
             model.train()
+        first = {}
         with torch.no_grad():
-            first = {m: models[m](input_ids=ids, labels=ids).loss.item() for m in ("peft_qdora", "dorakit_qdora")}
+            for m in ("peft_qdora", "dorakit_qdora", "peft_qdora_patched"):
+                with patched(m):
+                    first[m] = models[m](input_ids=ids, labels=ids).loss.item()
         times = interleaved({m: step_fn(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
         summary = summarise(times, reference="peft_qlora")
         results.append({"batch": batch, "seq_len": seq, "methods": summary, "first_loss": first,
-                        "loss_rel_diff": abs(first["dorakit_qdora"] - first["peft_qdora"]) / abs(first["peft_qdora"])})
+                        "loss_rel_diff": abs(first["dorakit_qdora"] - first["peft_qdora"]) / abs(first["peft_qdora"]),
+                        "patched_loss_rel_diff": abs(first["peft_qdora_patched"] - first["peft_qdora"]) / abs(first["peft_qdora"])})
         print(f"step {batch}x{seq}: " + ", ".join(
             f"{m} {s['median_ms']:.0f} ms ({s['ratio_to_peft_qlora']:.3f}x)" for m, s in summary.items()), flush=True)
     return results
@@ -102,13 +112,14 @@ def child(method: str, args) -> dict:
     run = step_fn(model, optimizer, ids)
     if cuda:
         before = torch.cuda.memory_allocated() / 2**20
-        for _ in range(args.steps):
-            run()
+        with patched(method):
+            for _ in range(args.steps):
+                run()
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         # Sampled RSS during the steps only: the process's lifetime peak (ru_maxrss) is set by
         # loading and quantizing the checkpoint, the same for every method.
-        with PeakRSS() as probe:
+        with PeakRSS() as probe, patched(method):
             for _ in range(args.steps):
                 run()
         before, peak = probe.start_mb, probe.peak_mb

@@ -1,11 +1,13 @@
-"""Training-step time: dorakit DoRA / LoRA against PEFT DoRA / LoRA, interleaved in one process.
+"""Training-step time: dorakit DoRA / LoRA against PEFT DoRA / LoRA and PEFT DoRA under
+dorakit.patch_peft(), interleaved in one process.
 
     python -m benchmarks.step --model llama-random            # issue 4, configuration 1
     python -m benchmarks.step --model smollm2                 # configuration 2 (needs `make assets`)
 
-One step = forward, causal-LM loss, backward, AdamW step, zero_grad. All four models start from the
+One step = forward, causal-LM loss, backward, AdamW step, zero_grad. All models start from the
 same base weights; the PEFT DoRA model's adapter values are copied into dorakit's DoRA model and
-the first losses compared, so a speed-up can never come from computing something else.
+the patched PEFT DoRA model, and the first losses compared, so a speed-up can never come from
+computing something else.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import argparse
 
 import torch
 
-from .common import METHODS, SPECS, build_base, build_methods, environment, parse_batches, interleaved, summarise, write_result
+from .common import (METHODS, SPECS, build_base, build_methods, environment, interleaved, parse_batches, patched, summarise,
+                     write_result)
 
 
 def main() -> None:
@@ -37,7 +40,12 @@ def main() -> None:
     results = []
     for batch, seq in batches:
         ids = torch.randint(0, spec.vocab, (batch, seq), generator=torch.Generator().manual_seed(1))
-        first = {m: models[m](input_ids=ids, labels=ids).loss.item() for m in ("peft_dora", "dorakit_dora")}
+        first = {}
+        for m in ("peft_dora", "dorakit_dora", "peft_dora_patched"):
+            with patched(m):
+                first[m] = models[m](input_ids=ids, labels=ids).loss.item()
+        if abs(first["peft_dora_patched"] - first["peft_dora"]) > 1e-4 * abs(first["peft_dora"]):
+            raise SystemExit(f"PEFT DoRA under patch_peft computes another loss than PEFT DoRA: {first}")
 
         def step(method):
             def run():
@@ -51,7 +59,8 @@ def main() -> None:
         times = interleaved({m: step(m) for m in METHODS}, rounds=args.rounds, warmup=args.warmup)
         summary = summarise(times)
         results.append({"batch": batch, "seq_len": seq, "methods": summary,
-                         "first_loss": first, "loss_rel_diff": abs(first["dorakit_dora"] - first["peft_dora"]) / abs(first["peft_dora"])})
+                         "first_loss": first, "loss_rel_diff": abs(first["dorakit_dora"] - first["peft_dora"]) / abs(first["peft_dora"]),
+                         "patched_loss_rel_diff": abs(first["peft_dora_patched"] - first["peft_dora"]) / abs(first["peft_dora"])})
         print(f"{args.model} {batch}x{seq}: " + ", ".join(
             f"{m} {s['median_ms']:.0f} ms ({s['ratio_to_peft_lora']:.3f}x)" for m, s in summary.items()))
     write_result(f"step_{args.model}", {

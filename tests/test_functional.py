@@ -302,3 +302,17 @@ def test_compose_saves_a_half_precision_base_output_as_it_is():
         out = F.dora_compose(base, lora, scale)
     assert out.dtype == torch.float32
     assert [(t.dtype, t.data_ptr() == base.data_ptr()) for t in saved if t.shape == base.shape] == [(torch.bfloat16, True)]
+
+
+def test_merge_with_a_given_norm_divides_by_it_and_unmerges_exactly():
+    # Several DoRA adapters merged in turn on one PEFT layer: each m is divided by the norm over the
+    # unmerged base, not over the weight it is merged into.
+    w = torch.tensor([[3.0, 4.0], [1.0, 2.0]], dtype=torch.float64)
+    m = torch.tensor([2.0, 3.0], dtype=torch.float64)
+    given = torch.tensor([4.0, 5.0], dtype=torch.float64)
+    merged = w.clone()
+    F.merge_rows_(merged, A.double(), B.double(), 1.0, m, norm=given)
+    expected = (m / given)[:, None] * (w + B.double() @ A.double())
+    assert torch.equal(merged, expected)
+    F.unmerge_rows_(merged, A.double(), B.double(), 1.0, m, merge_norm=given)
+    assert rel_err(merged, w) < 1e-15

@@ -22,6 +22,7 @@ from .inject import ADAPTER_HOOKS as _ADAPTER_HOOKS
 from .integrations import trainer as _trainer
 
 _ADAPTER_HOOKS.append(_trainer.sync)  # transformers models save and resume their adapter in Trainer (issue 14)
+from .integrations.peft_patch import patch_peft, unpatch_peft
 
 __version__ = "0.1.0"
 
@@ -34,6 +35,7 @@ __all__ = [
     "load_adapter",
     "load_merged",
     "merge_and_unload",
+    "patch_peft",
     "print_trainable_parameters",
     "read_adapter_config",
     "refresh_norms",
@@ -43,4 +45,5 @@ __all__ = [
     "save_merged",
     "trainable_parameters",
     "unload",
+    "unpatch_peft",
 ]

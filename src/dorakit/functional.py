@@ -300,6 +300,7 @@ def merge_rows_(
     scaling: float,
     magnitude: Tensor | None = None,
     *,
+    norm: Tensor | None = None,
     chunk_elements: int | None = None,
     group: int = 1,
 ) -> RowTerms:
@@ -307,6 +308,9 @@ def merge_rows_(
 
     LoRA (magnitude None): W <- W0 + s*B@A.  DoRA: W <- (m / ||W0 + s*B@A||)[:, None] * (W0 + s*B@A).
     ``group``: consecutive rows that share one norm and magnitude entry (``grouped_terms``).
+    ``norm`` ([out]): the row norm that divides m when it is not the one of ``weight_rows`` itself: a
+    PEFT layer that merges several DoRA adapters in turn divides each one's m by the norm over the
+    unmerged base, as its forward does.
 
     Returns:
         The factored terms of the pre-merge weight (fp64 [out / group] each). With the adapter,
@@ -323,7 +327,8 @@ def merge_rows_(
     b_w = lora_B.detach().to(work)
     factor = None
     if magnitude is not None:
-        factor = (magnitude.detach().reshape(-1).to(terms.base_sq.dtype) / norm_from_terms(terms, scaling)).to(work)
+        divisor = norm_from_terms(terms, scaling) if norm is None else norm.reshape(-1).to(terms.base_sq.dtype)
+        factor = (magnitude.detach().reshape(-1).to(terms.base_sq.dtype) / divisor).to(work)
         factor = factor.repeat_interleave(group)  # [out / group] -> [out]
     for rows in row_chunks(out_features, in_features, chunk_elements):
         new = torch.addmm(weight_rows[rows].to(work), b_w[rows], a_w, alpha=scaling)  # [rows, in]

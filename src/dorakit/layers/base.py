@@ -312,16 +312,20 @@ class AdapterLayer(nn.Module):
             weight.copy_(rows.reshape(weight.shape))
 
     @torch.no_grad()
-    def merge_into(self, weight: Tensor) -> dict[str, Tensor]:
+    def merge_into(self, weight: Tensor, norm: Tensor | None = None) -> dict[str, Tensor]:
         """Fold the adapter into ``weight`` in place: the base weight itself, or a copy of it (a
-        merged checkpoint is written from copies). Returns the norms that undo it (DoRA; fp64)."""
+        merged checkpoint is written from copies). Returns the norms that undo it (DoRA; fp64).
+        ``norm``: the row norm m is divided by when it is not ``weight``'s own (see
+        ``functional.merge_rows_``); only it is returned then."""
         rows = self.weight_rows(weight)
         terms = F_dora.merge_rows_(
-            rows, self.lora_A_rows(), self.lora_B_rows(), self.scaling, self.lora_magnitude_vector
+            rows, self.lora_A_rows(), self.lora_B_rows(), self.scaling, self.lora_magnitude_vector, norm=norm
         )
         self._write_back(weight, rows)
         if not self.use_dora:
             return {}
+        if norm is not None:
+            return {"row_norm": norm.reshape(-1).to(terms.base_sq.dtype)}
         return {"row_norm": F_dora.norm_from_terms(terms, self.scaling), "base_row_norm": terms.base_sq.sqrt()}
 
     def merge(self) -> None:
@@ -340,21 +344,25 @@ class AdapterLayer(nn.Module):
         """
         if not self.merged:
             return
-        weight = self.base_weight().detach()
+        self.unmerge_from(self.base_weight().detach(), self._merged_norms)
+        self._merged_norms = {}
+        self.merged = False
+
+    @torch.no_grad()
+    def unmerge_from(self, weight: Tensor, norms: dict[str, Tensor]) -> None:
+        """Undo ``merge_into`` on ``weight`` in place, from the norms it returned (see ``unmerge``)."""
         rows = self.weight_rows(weight)
-        base_norm = self._merged_norms.get("base_row_norm")
+        base_norm = norms.get("base_row_norm")
         F_dora.unmerge_rows_(
             rows,
             self.lora_A_rows(),
             self.lora_B_rows(),
             self.scaling,
             self.lora_magnitude_vector,
-            merge_norm=self._merged_norms.get("row_norm"),
+            merge_norm=norms.get("row_norm"),
             base_sq=None if base_norm is None else base_norm.square(),
         )
         self._write_back(weight, rows)
-        self._merged_norms = {}
-        self.merged = False
 
     def merged_row_norms(self) -> dict[str, Tensor]:
         """While merged with DoRA: ``{"row_norm": ||W0 + sBA||_row, "base_row_norm": ||W0||_row}``,
