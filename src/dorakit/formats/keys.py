@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..layers.experts import ParameterAdapter, describe_expert_mismatch
+
 PEFT_PREFIX = "base_model.model."
 COPY_PART = "modules_to_save"  # ModulesToSave's trainable copy
 
@@ -51,3 +53,19 @@ def from_peft_key(key: str, copy_paths: set[str] | frozenset[str] = frozenset())
         if key.startswith(path + "."):
             return f"{path}.{COPY_PART}.{key[len(path) + 1:]}"
     return key
+
+
+def expert_count_mismatches(model: nn.Module, given: dict[str, Tensor]) -> list[str]:
+    """Messages for file tensors (keyed as ``model.state_dict()``) of expert adapters that were made for
+    another number of experts: the shape alone would only say "mismatch"."""
+    messages = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, ParameterAdapter):
+            continue
+        for name in ("lora_magnitude_vector", "lora_A.weight", "lora_B.weight"):
+            value = given.get(f"{path}.{name}")
+            message = None if value is None else describe_expert_mismatch(layer, name, tuple(value.shape))
+            if message is not None:
+                messages.append(f"{to_peft_key(f'{path}.{name}')}: {message}")
+                break
+    return messages

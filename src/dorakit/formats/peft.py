@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import atomic
 from ..config import DoraConfig
 from ..inject import CONFIG_ATTR, inject_adapters, unload
-from .keys import PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
+from .keys import PROJECTION_KEYS, adapter_state_dict, expert_count_mismatches, from_peft_key, to_peft_key
 from ..layers import VeraProjection
 from ..modules_to_save import ModulesToSave
 from .peft_config import from_peft_dict, to_peft_dict
@@ -165,6 +165,9 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: s
         if tuple(v.shape) != tuple(model_state[k].shape)
     ]
     problems = []
+    experts = expert_count_mismatches(model, given)  # says more than the shape mismatch below
+    if experts:
+        problems.append(f"{len(experts)} expert adapter(s) for another number of experts: {_first(experts)}")
     if missing:
         hint = ""
         if any(k.endswith("lora_magnitude_vector") for k in missing):

@@ -1,0 +1,111 @@
+"""DoRA/LoRA over ``torch.nn.MultiheadAttention``, which PEFT adapts with LoRA only.
+
+nn.MultiheadAttention has no linear submodules its forward calls: it reads ``in_proj_weight``
+[3E, E] (the q, k and v projections stacked as rows) and ``out_proj.weight`` [E, E] itself. So the
+adapter adapts both weights, each as rows like any linear layer (the magnitude of ``in_proj`` has one
+entry per q, k and v row), and runs the module's own forward with the adapted weights substituted:
+
+    in_proj:  W' = g[:, None] * (W + s B A)      A [r, E], B [3E, r], m [3E]
+    out_proj: a dorakit ``Linear`` adapter in ``out_proj``'s place (A [r, E], B [E, r], m [E])
+
+which is PEFT's layout (``attn.lora_A.weight``, ``attn.base_layer.out_proj.lora_A.weight``, ...),
+so LoRA files are PEFT's. Each forward builds the two adapted weights (one [3E, E] and one [E, E]
+tensor; the norms come from the cached factored form); merging folds both in and the module
+computes exactly as the base. Adapter dropout needs an input to act on and is refused here, as the
+module only sees weights. Like PEFT, only q, k and v of one width (``kdim == vdim == embed_dim``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .base import AdapterLayer
+from .experts import adapted_weight
+from .linear import Linear
+
+
+class MultiheadAttention(AdapterLayer):
+    """Adapter over ``nn.MultiheadAttention``: ``in_proj_weight`` here, ``out_proj`` by a ``Linear`` adapter.
+
+    The ``out_proj`` adapter is built with this one and put in place by ``install()`` (called by
+    ``inject_adapters`` once every wrapper is built), so a failed injection leaves the model untouched.
+    """
+
+    def __init__(self, base_layer: nn.MultiheadAttention, **kwargs) -> None:
+        if not base_layer._qkv_same_embed_dim:
+            raise ValueError(
+                "nn.MultiheadAttention with separate q/k/v weights (kdim or vdim != embed_dim) cannot take an adapter "
+                "yet (PEFT has the same limit). Exclude it, or adapt only the layers around it."
+            )
+        if kwargs.get("lora_dropout", 0.0):
+            raise ValueError(
+                f"lora_dropout={kwargs['lora_dropout']} cannot apply to nn.MultiheadAttention: it reads its weights "
+                "itself, so its adapter changes the weights, not an input. Set lora_dropout=0 for it."
+            )
+        super().__init__(base_layer, **kwargs)
+        out_proj = base_layer.out_proj
+        if isinstance(out_proj, AdapterLayer):
+            raise ValueError("This MultiheadAttention's out_proj already has an adapter; unload it first.")
+        # Not a submodule until install(): building it must not change the model.
+        object.__setattr__(self, "_pending_out_proj", Linear(out_proj, **kwargs))
+
+    def install(self) -> None:
+        """Put the ``out_proj`` adapter into the attention module (PEFT's place for it)."""
+        pending = self.__dict__.pop("_pending_out_proj", None)
+        if pending is not None:
+            self.base_layer.out_proj = pending
+
+    def out_proj_adapter(self) -> Linear | None:
+        out_proj = self.base_layer.out_proj
+        return out_proj if isinstance(out_proj, Linear) else None
+
+    # ---- in_proj as rows -----------------------------------------------------------------------
+    def base_weight(self) -> Tensor:
+        return self.base_layer.in_proj_weight
+
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.in_proj_weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.in_proj_bias
+
+    def weight_rows(self, weight: Tensor) -> Tensor:
+        return weight  # [3E, E]: q, k and v rows
+
+    def create_adapter(self, r: int, *, device: torch.device, dtype: torch.dtype) -> None:
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+
+    def lora_A_rows(self) -> Tensor:
+        return self.lora_A.weight
+
+    def lora_B_rows(self) -> Tensor:
+        return self.lora_B.weight
+
+    def forward(self, query: Tensor, *args, **kwargs):
+        substitutes = {}
+        if not (self.disabled or self.merged):
+            substitutes["in_proj_weight"] = adapted_weight(self)
+        out = self.out_proj_adapter()
+        if out is not None and not (out.disabled or out.merged):
+            substitutes["out_proj.base_layer.weight"] = adapted_weight(out)
+        if not substitutes:
+            return self.base_layer(query, *args, **kwargs)
+        return torch.func.functional_call(self.base_layer, substitutes, (query, *args), kwargs, strict=False)
+
+    # ---- merge: both weights, each layer idempotent -----------------------------------------------------
+    def merge(self) -> None:
+        super().merge()
+        out = self.out_proj_adapter()
+        if out is not None:
+            out.merge()
+
+    def unmerge(self) -> None:
+        super().unmerge()
+        out = self.out_proj_adapter()
+        if out is not None:
+            out.unmerge()
+
