@@ -56,6 +56,24 @@ class MultiheadAttention(AdapterLayer):
         if pending is not None:
             self.base_layer.out_proj = pending
 
+    def __getattr__(self, name: str):
+        # Code around the attention reads its attributes (batch_first, num_heads, ...): pass them through.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+    @property
+    def _qkv_same_embed_dim(self) -> bool:
+        # nn.TransformerEncoderLayer's inference fast path reads in_proj_weight and out_proj.weight itself
+        # and never calls this module, which would skip the adapters. While any is active, report False:
+        # the one condition of that fast path that sends it to the ordinary path, through forward().
+        out = self.out_proj_adapter()
+        active = not (self.disabled or self.merged) or (out is not None and not (out.disabled or out.merged))
+        return self.base_layer._qkv_same_embed_dim and not active
+
     def out_proj_adapter(self) -> Linear | None:
         out_proj = self.base_layer.out_proj
         return out_proj if isinstance(out_proj, Linear) else None
