@@ -350,3 +350,100 @@ def test_an_adapter_for_another_expert_count_is_refused(tmp_path, use_dora):
     with pytest.raises(ValueError, match="made for 4 experts but this model's 'gate_up_proj' has 8"):
         dorakit.load_adapter(other, tmp_path / "a")
     assert_untouched(other, before)
+
+
+# ---- the command line on a mixture-of-experts model -------------------------------------------------------
+
+def make_moe_dir(path):
+    """A tiny Qwen3-MoE checkpoint with the word-level tokenizer of the training tests."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from .train_assets import make_tokenizer
+
+    tok = make_tokenizer()
+    cfg = Qwen3MoeConfig(hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_experts=4,
+                         num_experts_per_tok=2, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         head_dim=8, vocab_size=len(tok), max_position_embeddings=128, tie_word_embeddings=False,
+                         pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = Qwen3MoeForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if not name.endswith("norm.weight"):
+                param.copy_(0.3 * torch.randn(param.shape, generator=gen))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def run(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "dorakit", *map(str, args)], capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_train_and_analyze_a_moe_model_from_the_command_line(tmp_path):
+    """`dorakit train` with nothing but a MoE model and data adapts the experts too; `analyze` reports
+    the magnitude and direction change of every expert."""
+    import csv
+    import json
+
+    from .train_assets import colour_records, write_jsonl
+
+    make_moe_dir(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", colour_records(64))
+    done = run("train", "--model", tmp_path / "model", "--data", tmp_path / "train.jsonl", "--output", tmp_path / "run",
+               "--max-steps", 8, "--batch-size", 8, "--lr", 1e-2, "--eval-every", 0, "--save-every", 4,
+               "--keep-checkpoints", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == EXPERTS and config["target_modules"] == "all-linear"
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert losses[-1] < losses[0]
+
+    done = run("analyze", "--base", tmp_path / "model", "--checkpoints", tmp_path / "run" / "checkpoints" / "step-4",
+               tmp_path / "run" / "checkpoints" / "step-8", "--modules", "gate_up_proj", "down_proj", "q_proj",
+               "--out", tmp_path / "analysis")
+    assert done.returncode == 0, done.stderr
+    with open(tmp_path / "analysis" / "analysis.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    stacks = [r for r in table if r["module"] in ("gate_up_proj", "down_proj")]
+    assert len(stacks) == 2 * 2 * 2 * 4  # checkpoints x layers x stacks x experts
+    assert {r["expert"] for r in stacks} == {"0", "1", "2", "3"}
+    assert [r["expert"] for r in table if r["module"] == "q_proj"] == [""] * 4
+    assert all(float(r["delta_m"]) > 0 and float(r["delta_d"]) > 0 for r in stacks)  # every expert moved
+    # Golden: a merged DoRA row has norm m, so delta_m of expert 2 of layer 0's gate_up_proj is mean |m - ||W0||_row|.
+    from safetensors.torch import load_file
+    from transformers import Qwen3MoeForCausalLM
+
+    base = Qwen3MoeForCausalLM.from_pretrained(tmp_path / "model").model.layers[0].mlp.experts.gate_up_proj
+    tensors = load_file(tmp_path / "run" / "checkpoints" / "step-8" / "adapter_model.safetensors")
+    magnitude = tensors["base_model.model.model.layers.0.mlp.experts.base_layer.lora_magnitude_vector"]
+    expected = (magnitude[2].double() - base[2].double().norm(dim=1)).abs().mean().item()
+    row = next(r for r in stacks if r["checkpoint"].endswith("step-8") and r["layer"] == "0"
+               and r["module"] == "gate_up_proj" and r["expert"] == "2")
+    assert float(row["delta_m"]) == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compare_on_a_moe_model(tmp_path):
+    import json
+
+    from .train_assets import colour_records, write_jsonl
+
+    make_moe_dir(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", colour_records(120))
+    done = run("compare", "--model", tmp_path / "model", "--data", tmp_path / "train.jsonl", "--methods", "full", "lora",
+               "dora", "--ranks", 4, "--seeds", 0, "--max-steps", 6, "--batch-size", 8, "--lr", 1e-2, "--full-lr", 1e-3,
+               "--output", tmp_path / "cmp")
+    assert done.returncode == 0, done.stderr
+    table = json.loads((tmp_path / "cmp" / "compare.json").read_text())["table"]
+    assert [(r["method"], r["failed"]) for r in table] == [("full", 0), ("lora", 0), ("dora", 0)]
+    trainable = {r["method"]: r["trainable_parameters"] for r in table}
+    # Expert adapters: DoRA adds one magnitude per expert row over LoRA's A and B.
+    assert trainable["lora"] < trainable["dora"] < trainable["full"]
+    adapter = json.loads((tmp_path / "cmp" / "dora-r4-s0" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["target_parameters"] == EXPERTS

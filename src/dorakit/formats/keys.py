@@ -55,6 +55,13 @@ def from_peft_key(key: str, copy_paths: set[str] | frozenset[str] = frozenset())
     return key
 
 
+def nested_adapter_paths(module_path: str, names: list[str]) -> dict[str, str]:
+    """Where the adapters of parameters ``names`` of the module at ``module_path`` live, as PEFT nests its
+    ParamWrappers (and ``inject_adapters`` does): the last-registered parameter's adapter is outermost,
+    at ``module_path``; each earlier one a ``.base_layer`` deeper."""
+    return {name: module_path + ".base_layer" * (len(names) - 1 - i) for i, name in enumerate(names)}
+
+
 def expert_count_mismatches(model: nn.Module, given: dict[str, Tensor]) -> list[str]:
     """Messages for file tensors (keyed as ``model.state_dict()``) of expert adapters that were made for
     another number of experts: the shape alone would only say "mismatch"."""
