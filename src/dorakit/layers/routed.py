@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import functional as F_dora
 
 PROJECTIONS = ("gate_up_proj", "up_proj", "down_proj")
 
@@ -89,15 +88,18 @@ def project(module: nn.Module, name: str, x: Tensor, counts: list[int], adapter)
     weight = getattr(module, name)
     rows = weight.transpose(1, 2) if module.is_transposed else weight  # (E, out, in), a view
     bias = getattr(module, f"{name}_bias") if module.has_bias else None  # (E, out)
-    terms = adapter.routed_terms() if adapter is not None else None
+    # Per-expert views taken in one op each: unbind's backward stacks the gradients once, where indexing
+    # per expert would scatter each expert's gradient into a zero tensor of the whole stack (E^2 work).
+    experts = range(len(counts))
+    terms = zip(*(([None] * len(counts)) if t is None else t.unbind(0) for t in adapter.routed_terms())) \
+        if adapter is not None else [None] * len(counts)
     parts, start = [], 0
-    for e, n in enumerate(counts):
+    for e, n, expert_terms in zip(experts, counts, terms):
         if n == 0:
             continue
         xe = x[start:start + n]  # (n, in): the tokens routed to expert e
         start += n
-        y = expert_linear(xe, rows[e], adapter, None if terms is None else tuple(
-            t if t is None else t[e] for t in terms))
+        y = expert_linear(xe, rows[e], adapter, expert_terms)
         parts.append(y if bias is None else y + bias[e])
     if not parts:
         return x.new_zeros(0, rows.shape[1])
@@ -112,11 +114,14 @@ def expert_linear(x: Tensor, weight: Tensor, adapter, terms: tuple | None) -> Te
     a, scaled_b, g = terms
     dropped = adapter.lora_dropout(x.to(a.dtype) if x.is_floating_point() else x)
     lora = F.linear(F.linear(dropped, a), scaled_b)  # (n, out): [(g s) B] (A x'), or [s B] (A x')
+    # functional.dora_compose's forms, written in place into the LoRA branch's output (a fresh tensor no
+    # backward needs), which saves one (n, out) allocation per expert.
     if g is None:
-        out = base.to(lora.dtype) + lora
+        out = lora.add_(base.to(lora.dtype))
     elif adapter.training and not isinstance(adapter.lora_dropout, nn.Identity):
         # y = x W^T + (g - 1) x' W^T + [(g s) B] A x' (paper and PEFT with dropout): a second base matmul.
-        out = F_dora.dora_compose(base, lora, g, base_dropped=F.linear(dropped.to(weight.dtype), weight))
+        base_dropped = F.linear(dropped.to(weight.dtype), weight)
+        out = lora.add_(base.to(lora.dtype)).addcmul_(base_dropped.to(lora.dtype), g - 1)
     else:
-        out = F_dora.dora_compose(base, lora, g)  # g * base + lora, one fused op
+        out = lora.addcmul_(base.to(lora.dtype), g)  # g * base + [(g s) B] A x
     return out.to(base.dtype)
