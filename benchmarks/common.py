@@ -192,6 +192,34 @@ class PeakRSS:
         self.increase_mb = self.peak_mb - self.start_mb
 
 
+def train_step(model: torch.nn.Module, optimizer, ids: torch.Tensor):
+    """One training step as a callable: causal-LM loss on ``ids``, backward, optimizer step, zero_grad."""
+    def run():
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def steps_memory(run, steps: int) -> dict:
+    """Peak memory while ``run()`` runs ``steps`` times, the size just before, and the increase: on CUDA
+    max_memory_allocated; on CPU the RSS sampled during the steps only (the process's lifetime peak is
+    set by building or loading the model, the same for every method)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        for _ in range(steps):
+            run()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        with PeakRSS() as probe:
+            for _ in range(steps):
+                run()
+        before, peak = probe.start_mb, probe.peak_mb
+    return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
+
+
 def memory_by_method(module: str, args: list[str], methods, reference: str) -> dict[str, dict]:
     """Run ``python -m MODULE ARGS --child METHOD`` once per method (so each peak is its own process's)
     and read the JSON line each prints; adds peak and increase ratios to ``reference``."""

@@ -13,8 +13,8 @@ dorakit's runs the experts on their routed tokens with the adapter beside the ba
 
 dorakit's LoRA gets the PEFT LoRA model's (non-identity) adapter values and the first losses are
 compared, so a speed-up never comes from computing something else. Step time: all models in one
-process, interleaved rounds, medians. Memory: each method in its own process (peak RSS on CPU,
-max_memory_allocated on CUDA).
+process, interleaved rounds, medians. Memory: each method in its own process (RSS sampled during the
+steps on CPU, max_memory_allocated on CUDA), peak and increase over the size before the first step.
 
 What DoRA adds to LoRA here: the norm, once per optimizer step (E * r * out * in multiply-adds per stack,
 against about 3 * tokens * top_k * out * in for the step's expert matmuls, so its share falls as the
@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import resource
 
 import torch
 
 import dorakit
 
-from .common import environment, interleaved, memory_by_method, memory_line, rss_mb, summarise, write_result
+from .common import environment, interleaved, memory_by_method, memory_line, steps_memory, summarise, train_step, write_result
 
 METHODS = ("dorakit_dora", "dorakit_lora", "peft_lora")
 TARGET_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
@@ -93,31 +92,15 @@ def build_methods(base: torch.nn.Module) -> dict[str, torch.nn.Module]:
     return models
 
 
-def step(model: torch.nn.Module, optimizer, ids: torch.Tensor):
-    def run():
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return run
-
-
 def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
     torch.set_num_threads(threads)
     model = adapt(build_base(), method, in_place=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
-    cuda = torch.cuda.is_available()
-    if cuda:
+    if torch.cuda.is_available():
         model.cuda()
         ids = ids.cuda()
-        torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated() / 2**20 if cuda else rss_mb()
-    run = step(model, optimizer, ids)
-    for _ in range(steps):
-        run()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return steps_memory(train_step(model, optimizer, ids), steps)
 
 
 def main() -> None:
@@ -144,7 +127,7 @@ def main() -> None:
     for batch, seq in batches:
         ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
         first = {m: models[m](input_ids=ids, labels=ids).loss.item() for m in ("peft_lora", "dorakit_lora")}
-        times = interleaved({m: step(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
+        times = interleaved({m: train_step(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
         summary = summarise(times, "peft_lora")
         for name, stats in summarise(times, "dorakit_lora").items():
             summary[name]["ratio_to_dorakit_lora"] = stats["ratio_to_dorakit_lora"]

@@ -17,7 +17,7 @@ from dorakit import functional_experts as F_experts
 from dorakit.formats.keys import adapter_state_dict, from_peft_key
 from dorakit.layers import ParameterAdapter
 
-from .conftest import rel_err
+from .conftest import perturb_adapters as perturb, rel_err
 
 transformers = pytest.importorskip("transformers")
 
@@ -69,16 +69,6 @@ def build(name: str, dtype=torch.float32):
 
 def ids(batch: int = 2, length: int = 9):
     return torch.randint(0, 96, (batch, length), generator=torch.Generator().manual_seed(2))
-
-
-def perturb(model, seed: int = 3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
 def expert_layers(model) -> list[ParameterAdapter]:
@@ -447,3 +437,18 @@ def test_compare_on_a_moe_model(tmp_path):
     assert trainable["lora"] < trainable["dora"] < trainable["full"]
     adapter = json.loads((tmp_path / "cmp" / "dora-r4-s0" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_parameters"] == EXPERTS
+
+
+def test_the_docs_python_blocks_run(capsys):
+    """docs/experts.md: every Python block runs as written and prints what its comments say."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "experts.md").read_text()
+    blocks = re.findall(r"(<!-- not-run[^\n]*\n)?```python\n(.*?)```", text, flags=re.S)
+    assert len(blocks) >= 4
+    for skip, code in blocks:
+        if not skip:
+            exec(compile(code, "docs/experts.md", "exec"), {"__name__": "__docs__"})
+    printed = capsys.readouterr().out
+    assert printed.count("True") == 3 and "torch.Size([4, 32])" in printed and "match no parameter" in printed

@@ -14,7 +14,7 @@ import dorakit.inject
 from dorakit.formats.keys import adapter_state_dict, from_peft_key
 from dorakit.layers import Linear, MultiheadAttention
 
-from .conftest import rel_err
+from .conftest import perturb_adapters as perturb, rel_err
 
 
 class AttentionNet(nn.Module):
@@ -42,16 +42,6 @@ def build(dtype=torch.float32, **kwargs):
 def inputs(batch_first: bool = True, dtype=torch.float32):
     x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1), dtype=dtype)
     return x if batch_first else x.transpose(0, 1)
-
-
-def perturb(model, seed: int = 3):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
-            elif "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.2 * torch.randn(param.shape, generator=gen, dtype=param.dtype))
 
 
 def dora_weight(layer) -> torch.Tensor:

@@ -30,32 +30,19 @@ def expert_groups(n_experts: int, per_expert: int, chunk_elements: int | None = 
 def _base_products(
     weight_rows: Tensor, a: Tensor, base_sq: Tensor | None, chunk_elements: int | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """W_e @ A_e^T ([E, out, r]) and ||W_e,i||^2 ([E, out], unless given), reading W in bounded groups."""
+    """W_e @ A_e^T ([E, out, r]) and ||W_e,i||^2 ([E, out], unless given): ``functional``'s base
+    products on groups of experts of at most ``chunk_elements`` elements (rows of one expert when a
+    single expert is larger)."""
     n_experts, out_features, in_features = weight_rows.shape
-    limit = F_dora.CHUNK_ELEMENTS if chunk_elements is None else chunk_elements
-    wa_parts, sq_parts = [], []
     if weight_rows.dtype == dtype and chunk_elements is None:
-        groups = [slice(0, n_experts)]  # no conversion: a view, so no temporary to bound
-    elif out_features * in_features > limit:
-        groups = [slice(e, e + 1) for e in range(n_experts)]  # one expert is already too large: row chunks
-    else:
-        groups = expert_groups(n_experts, out_features * in_features, limit)
-    for group in groups:
-        if out_features * in_features > limit:
-            e = group.start
-            given = None if base_sq is None else base_sq[e]
-            wa, sq = F_dora._base_products(weight_rows[e], a[e], given, chunk_elements, dtype)  # row chunks
-            wa_parts.append(wa[None])  # [1, out, r]
-            sq_parts.append(sq[None])
-            continue
-        chunk = weight_rows[group].to(dtype)  # [g, out, in]; a view when the stack is already in dtype
-        wa_parts.append(torch.bmm(chunk, a[group].mT))  # [g, out, r]
-        if base_sq is None:
-            sq_parts.append(torch.linalg.vector_norm(chunk, dim=-1).square())  # [g, out]
-    wa = wa_parts[0] if len(wa_parts) == 1 else torch.cat(wa_parts)
-    if base_sq is None:
-        base_sq = sq_parts[0] if len(sq_parts) == 1 else torch.cat(sq_parts)
-    return wa, base_sq.to(dtype)
+        return F_dora._base_products(weight_rows, a, base_sq, None, dtype)  # views only: nothing to bound
+    wa_parts, sq_parts = [], []
+    for group in expert_groups(n_experts, out_features * in_features, chunk_elements):
+        given = None if base_sq is None else base_sq[group]
+        wa, sq = F_dora._base_products(weight_rows[group], a[group], given, chunk_elements, dtype)
+        wa_parts.append(wa)  # [g, out, r]
+        sq_parts.append(sq)  # [g, out]
+    return torch.cat(wa_parts), torch.cat(sq_parts)
 
 
 @torch.no_grad()

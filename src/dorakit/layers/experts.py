@@ -42,6 +42,20 @@ from .base import AdapterLayer
 from .routed import PROJECTIONS, is_expert_module, routed_experts_forward
 
 
+class PassesAttributes:
+    """Mixin for wrappers of modules whose surroundings read their attributes (the block around the
+    experts reads num_experts; nn.TransformerEncoderLayer reads batch_first, num_heads, ...): a public
+    name the wrapper does not have is the wrapped module's."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+
 def parameter_owner(module: nn.Module) -> nn.Module:
     """The module that holds the parameters, under any nesting of ``ParameterAdapter``s."""
     while isinstance(module, ParameterAdapter):
@@ -49,7 +63,7 @@ def parameter_owner(module: nn.Module) -> nn.Module:
     return module
 
 
-class ParameterAdapter(AdapterLayer):
+class ParameterAdapter(PassesAttributes, AdapterLayer):
     """Adapter of the parameter ``parameter_name`` of ``parameter_owner(base_layer)``.
 
     Attributes (besides ``AdapterLayer``'s): parameter_name; num_experts (1 for a 2-D parameter);
@@ -92,15 +106,6 @@ class ParameterAdapter(AdapterLayer):
     @property
     def owner(self) -> nn.Module:
         return parameter_owner(self.base_layer)
-
-    def __getattr__(self, name: str):
-        # The block around the experts may read their attributes (num_experts, ...): pass them through.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_") or name == "base_layer":
-                raise
-            return getattr(parameter_owner(self._modules["base_layer"]), name)
 
     # ---- the layout (see the module docstring) --------------------------------------------------
     def base_weight(self) -> Tensor:

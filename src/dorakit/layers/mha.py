@@ -21,12 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from .base import AdapterLayer
-from .experts import adapted_weight
+from .experts import PassesAttributes, adapted_weight
 from .linear import Linear
 
 
-class MultiheadAttention(AdapterLayer):
-    """Adapter over ``nn.MultiheadAttention``: ``in_proj_weight`` here, ``out_proj`` by a ``Linear`` adapter.
+class MultiheadAttention(PassesAttributes, Linear):
+    """Adapter over ``nn.MultiheadAttention``: ``in_proj_weight`` here (a ``Linear`` adapter on that
+    weight's rows), ``out_proj`` by a ``Linear`` adapter of its own.
 
     The ``out_proj`` adapter is built with this one and put in place by ``install()`` (called by
     ``inject_adapters`` once every wrapper is built), so a failed injection leaves the model untouched.
@@ -56,15 +57,6 @@ class MultiheadAttention(AdapterLayer):
         if pending is not None:
             self.base_layer.out_proj = pending
 
-    def __getattr__(self, name: str):
-        # Code around the attention reads its attributes (batch_first, num_heads, ...): pass them through.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_") or name == "base_layer":
-                raise
-            return getattr(self._modules["base_layer"], name)
-
     @property
     def _qkv_same_embed_dim(self) -> bool:
         # nn.TransformerEncoderLayer's inference fast path reads in_proj_weight and out_proj.weight itself
@@ -80,7 +72,7 @@ class MultiheadAttention(AdapterLayer):
 
     # ---- in_proj as rows -----------------------------------------------------------------------
     def base_weight(self) -> Tensor:
-        return self.base_layer.in_proj_weight
+        return self.base_layer.in_proj_weight  # [3E, E]: q, k and v rows, read as a linear layer's
 
     @property
     def weight(self) -> Tensor:
@@ -89,19 +81,6 @@ class MultiheadAttention(AdapterLayer):
     @property
     def bias(self) -> Tensor | None:
         return self.base_layer.in_proj_bias
-
-    def weight_rows(self, weight: Tensor) -> Tensor:
-        return weight  # [3E, E]: q, k and v rows
-
-    def create_adapter(self, r: int, *, device: torch.device, dtype: torch.dtype) -> None:
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-
-    def lora_A_rows(self) -> Tensor:
-        return self.lora_A.weight
-
-    def lora_B_rows(self) -> Tensor:
-        return self.lora_B.weight
 
     def forward(self, query: Tensor, *args, **kwargs):
         substitutes = {}
