@@ -5,7 +5,7 @@ transformers 5 keeps a mixture-of-experts layer's experts as 3-D parameters of o
     Qwen3-MoE, Mixtral, OLMoE ...   gate_up_proj [E, 2I, H], down_proj [E, H, I]     stored [E, out, in]
     gpt-oss (is_transposed=True)     gate_up_proj [E, H, 2I], down_proj [E, I, H]     stored [E, in, out]
 
-Expert e computes x @ W_e^T (as rows [out, in]). Per expert, DoRA (Liu et al. 2024, eq. 5) is
+Expert e computes x @ W_e^T (as rows [out, in]). Per expert, DoRA (Liu et al. 2024, section 4) is
 
     W_e' = m_e * (W_e + s B_e A_e) / ||W_e + s B_e A_e||_row          m: [E, out]
 

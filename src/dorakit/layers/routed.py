@@ -88,13 +88,14 @@ def project(module: nn.Module, name: str, x: Tensor, counts: list[int], adapter)
     weight = getattr(module, name)
     rows = weight.transpose(1, 2) if module.is_transposed else weight  # (E, out, in), a view
     bias = getattr(module, f"{name}_bias") if module.has_bias else None  # (E, out)
-    # Per-expert views taken in one op each: unbind's backward stacks the gradients once, where indexing
-    # per expert would scatter each expert's gradient into a zero tensor of the whole stack (E^2 work).
-    experts = range(len(counts))
-    terms = zip(*(([None] * len(counts)) if t is None else t.unbind(0) for t in adapter.routed_terms())) \
-        if adapter is not None else [None] * len(counts)
+    terms: list = [None] * len(counts)
+    if adapter is not None:
+        # Per-expert views by unbind: its backward stacks the gradients once, where indexing per expert
+        # would scatter each expert's gradient into a zero tensor of the whole stack (E^2 work).
+        a, scaled_b, g = adapter.routed_terms()
+        terms = list(zip(a.unbind(0), scaled_b.unbind(0), terms if g is None else g.unbind(0)))
     parts, start = [], 0
-    for e, n, expert_terms in zip(experts, counts, terms):
+    for e, (n, expert_terms) in enumerate(zip(counts, terms)):
         if n == 0:
             continue
         xe = x[start:start + n]  # (n, in): the tokens routed to expert e
