@@ -114,9 +114,12 @@ def environment(threads: int, dtype: torch.dtype) -> dict:
     }
 
 
-def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Time each callable ``rounds`` times, interleaved in a shuffled order each round, so that
-    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run."""
+    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run;
+    with ``cpu`` given, also fills it with this process's CPU seconds per run (on a CPU shared with
+    other work, less disturbed by waiting for a core than the wall clock)."""
     order = list(runs)
     rng = random.Random(seed)
     for _ in range(warmup):
@@ -126,11 +129,13 @@ def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0) -> dict[str
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             runs[name]()
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
             times[name].append(time.perf_counter() - start)
+            if cpu is not None:
+                cpu.setdefault(name, []).append(time.process_time() - cpu_start)
     return times
 
 

@@ -1,11 +1,11 @@
 """DoRA on mixture-of-experts stacks: training-step time and peak memory, expert DoRA against expert LoRA.
 
     python -m benchmarks.experts                       # step time interleaved in one process, then memory
-    python -m benchmarks.experts --batches 8x256 --rounds 11
+    python -m benchmarks.experts --batches 8x256 --rounds 25
 
 A random model of Qwen3-MoE's shape, scaled down (hidden 512 and expert width 192 in Qwen3-30B-A3B's
-ratio 2048:768, 32 experts with top-4 routing, 4 layers), adapted on its expert stacks only (target_parameters experts.gate_up_proj and
-experts.down_proj, r=16, alpha=32). Methods: dorakit_dora, dorakit_lora, peft_lora. PEFT refuses DoRA
+ratio 2048:768, 32 experts with top-4 routing, 4 layers), adapted on its expert stacks only
+(target_parameters experts.gate_up_proj and experts.down_proj, r=16, alpha=32). Methods: dorakit_dora, dorakit_lora, peft_lora. PEFT refuses DoRA
 on expert parameters (its ParamWrapper raises for use_dora=True), so there is no peft_dora; the
 benchmark records PEFT's message. The goal (issue 17): dorakit's expert DoRA within 1.05x of its
 expert LoRA. PEFT's LoRA folds W + s B A into a full [E, out, in] copy of each stack every forward;
@@ -13,7 +13,7 @@ dorakit's runs the experts on their routed tokens with the adapter beside the ba
 
 dorakit's LoRA gets the PEFT LoRA model's (non-identity) adapter values and the first losses are
 compared, so a speed-up never comes from computing something else. Step time: all models in one
-process, interleaved rounds, medians. Memory: each method in its own process (RSS sampled during the
+process, interleaved rounds, medians of the wall clock and of this process's CPU time. Memory: each method in its own process (RSS sampled during the
 steps on CPU, max_memory_allocated on CUDA), peak and increase over the size before the first step.
 
 What DoRA adds to LoRA here: the norm, once per optimizer step (E * r * out * in multiply-adds per stack,
@@ -106,10 +106,11 @@ def child(method: str, batch: int, seq: int, steps: int, threads: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", default="8x256,2x256", help="e.g. 8x256,2x256")
-    parser.add_argument("--rounds", type=int, default=7, help="timed steps per method (medians reported)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed steps per method (medians reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     parser.add_argument("--steps", type=int, default=3, help="steps per method in the memory runs")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1 on a shared CPU: OpenMP threads that wait for "
+                        "a core spin and distort the timings")
     parser.add_argument("--no-memory", action="store_true", help="step time only")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,10 +128,15 @@ def main() -> None:
     for batch, seq in batches:
         ids = torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(1))
         first = {m: models[m](input_ids=ids, labels=ids).loss.item() for m in ("peft_lora", "dorakit_lora")}
-        times = interleaved({m: train_step(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
+        cpu: dict[str, list[float]] = {}
+        times = interleaved({m: train_step(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup,
+                            cpu=cpu)
         summary = summarise(times, "peft_lora")
+        cpu_summary = summarise(cpu, "dorakit_lora")
         for name, stats in summarise(times, "dorakit_lora").items():
             summary[name]["ratio_to_dorakit_lora"] = stats["ratio_to_dorakit_lora"]
+            summary[name]["cpu_median_ms"] = cpu_summary[name]["median_ms"]
+            summary[name]["cpu_ratio_to_dorakit_lora"] = cpu_summary[name]["ratio_to_dorakit_lora"]
         entry = {"batch": batch, "seq_len": seq, "methods": summary, "first_loss": first,
                  "loss_rel_diff": abs(first["dorakit_lora"] - first["peft_lora"]) / abs(first["peft_lora"])}
         if not args.no_memory:
@@ -139,7 +145,8 @@ def main() -> None:
         results.append(entry)
         print(f"experts {batch}x{seq}: " + ", ".join(
             f"{m} {s['median_ms']:.0f} ms ({s['ratio_to_dorakit_lora']:.3f}x dorakit LoRA, "
-            f"{s['ratio_to_peft_lora']:.3f}x PEFT LoRA)" for m, s in summary.items()))
+            f"{s['ratio_to_peft_lora']:.3f}x PEFT LoRA; CPU time {s['cpu_ratio_to_dorakit_lora']:.3f}x dorakit LoRA)"
+            for m, s in summary.items()))
         if "memory" in entry:
             print("    memory: " + memory_line(entry["memory"], "dorakit_lora"))
     write_result("experts_qwen3moe-random", {
