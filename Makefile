@@ -33,7 +33,7 @@ $(ASSETS): $(STAMP) requirements/assets.txt
 
 assets: $(ASSETS)
 
-# Every benchmark of benchmarks/ (about 35 minutes on 2 cores), then the README tables from the JSON.
+# Every benchmark of benchmarks/ (about 45 minutes on 2 cores), then the README tables from the JSON.
 bench: $(ASSETS)
 	$(PY) -m benchmarks.step --model llama-random
 	$(PY) -m benchmarks.step --model smollm2
@@ -45,6 +45,7 @@ bench: $(ASSETS)
 	$(PY) -m benchmarks.inject --model smollm2
 	$(PY) -m benchmarks.qdora --batches 4x64 --rounds 5 --warmup 1 --steps 2
 	$(PY) -m benchmarks.distributed
+	$(PY) -m benchmarks.experts
 	$(PY) -m benchmarks.report
 
 # The embedded default: SmolLM2-135M-Instruct learns tweet sentiment with DoRA (about 6 minutes on
