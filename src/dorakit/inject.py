@@ -120,6 +120,9 @@ def wrap_parameters(module: nn.Module, path: str, names: list[str], config: Dora
                     adapter_dtype: torch.dtype | None = None) -> ParameterAdapter:
     """Adapters for parameters ``names`` of ``module`` (at ``path``), nested in that order as PEFT nests
     its ParamWrappers: the last one is outermost. Rank and alpha patterns match the parameter's path."""
+    if getattr(config, "magnitude_axis", "out") != "out":
+        raise ValueError(f"magnitude_axis={config.magnitude_axis!r} does not apply to target_parameters: parameter "
+                         "adapters (expert stacks included) keep one magnitude per output row. Use the default axis.")
     wrapped = module
     for name in names:
         key = f"{path}.{name}"
