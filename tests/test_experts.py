@@ -287,6 +287,32 @@ def test_a_2d_parameter_router_weight():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+class Stack(torch.nn.Module):
+    """A module of no known convention with a 3-D parameter it reads itself (sums x @ W[e] over e)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(3, 4, 5, dtype=torch.float64))
+
+    def forward(self, x):
+        return torch.einsum("ni,eio->no", x, self.w)
+
+
+def test_a_3d_parameter_of_an_unknown_module_is_substituted_with_a_warning():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(Stack())
+    x = torch.randn(2, 4, dtype=torch.float64)
+    base = model(x)
+    with pytest.warns(UserWarning, match="is_transposed"):
+        dorakit.inject_adapters(model, dorakit.DoraConfig(r=2, target_parameters=["0.w"]))
+    assert rel_err(model(x), base) < 1e-12
+    perturb(model)
+    layer = model[0]
+    weights = reference_weights(model)  # rows along dim 1, per expert: PEFT's reading of [E, d1, d2]
+    expected = torch.einsum("ni,eio->no", x, weights["0.w"])
+    assert rel_err(model(x), expected) < 1e-6 and layer.routed is False
+
+
 def test_batched_norm_is_exact_chunked_and_safe_on_cancelled_and_zero_rows():
     gen = torch.Generator().manual_seed(0)
     w, a, b = (torch.randn(*s, generator=gen) for s in ((5, 6, 7), (5, 2, 7), (5, 6, 2)))

@@ -34,6 +34,8 @@ module without it is read as [E, out, in].
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 
@@ -85,6 +87,11 @@ class ParameterAdapter(PassesAttributes, AdapterLayer):
         self.num_experts = param.shape[0] if self.stacked else 1
         self.transposed = self.stacked and bool(getattr(owner, "is_transposed", False))
         self.routed = self.stacked and parameter_name in PROJECTIONS and is_expert_module(owner)
+        if self.stacked and kwargs.get("use_dora", True) and not hasattr(owner, "is_transposed"):
+            warnings.warn(
+                f"{type(owner).__name__} does not say how it stores {parameter_name!r} (transformers' is_transposed); "
+                f"it is read as [experts, out, in] (PEFT's rule), so DoRA's magnitude runs over dim 1 of "
+                f"{list(param.shape)}. If that module computes x @ W[e], that is its input axis.", stacklevel=4)
         super().__init__(owner, **kwargs)  # built on the owner; re-nested below (AdapterLayer refuses adapters)
         self.base_layer = base_layer
         if not isinstance(self.lora_dropout, nn.Identity) and not all(layer.routed for layer in self.chain()):
