@@ -43,7 +43,7 @@ $(ASSETS): $(STAMP) requirements/assets.txt
 
 assets: $(ASSETS)
 
-# Every benchmark of benchmarks/ (about 35 minutes on 2 cores), then the README tables from the JSON.
+# Every benchmark of benchmarks/ (about 45 minutes on 2 cores), then the README tables from the JSON.
 bench: $(ASSETS)
 	$(PY) -m benchmarks.step --model llama-random
 	$(PY) -m benchmarks.step --model smollm2
@@ -55,6 +55,7 @@ bench: $(ASSETS)
 	$(PY) -m benchmarks.inject --model smollm2
 	$(PY) -m benchmarks.qdora --batches 4x64 --rounds 5 --warmup 1 --steps 2
 	$(PY) -m benchmarks.distributed
+	$(PY) -m benchmarks.experts
 	$(PY) -m benchmarks.report
 
 # The GPU benchmark (issue 18): one unattended run under 8 minutes on a CUDA machine, then the README tables.

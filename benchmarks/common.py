@@ -129,10 +129,13 @@ def environment(threads: int, dtype: torch.dtype) -> dict:
     }
 
 
-def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0) -> dict[str, list[float]]:
+def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0,
+                cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Time each callable ``rounds`` times, interleaved in a shuffled order each round, so that
-    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run.
-    Each method runs in its ``patched`` context, entered outside the timed region."""
+    drift of the machine (thermal, other load) hits every method alike. Returns seconds per run;
+    with ``cpu`` given, also fills it with this process's CPU seconds per run (on a CPU shared with
+    other work, less disturbed by waiting for a core than the wall clock). Each method runs in its
+    ``patched`` context, entered outside the timed region."""
     order = list(runs)
     rng = random.Random(seed)
     for _ in range(warmup):
@@ -144,11 +147,13 @@ def interleaved(runs: dict, rounds: int, warmup: int, seed: int = 0) -> dict[str
         rng.shuffle(order)
         for name in order:
             with patched(name):
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 runs[name]()
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - start)
+                if cpu is not None:
+                    cpu.setdefault(name, []).append(time.process_time() - cpu_start)
     return times
 
 
@@ -208,6 +213,34 @@ class PeakRSS:
         self._thread.join()
         self.peak_mb = max(self.peak_mb, rss_mb())
         self.increase_mb = self.peak_mb - self.start_mb
+
+
+def train_step(model: torch.nn.Module, optimizer, ids: torch.Tensor):
+    """One training step as a callable: causal-LM loss on ``ids``, backward, optimizer step, zero_grad."""
+    def run():
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return run
+
+
+def steps_memory(run, steps: int) -> dict:
+    """Peak memory while ``run()`` runs ``steps`` times, the size just before, and the increase: on CUDA
+    max_memory_allocated; on CPU the RSS sampled during the steps only (the process's lifetime peak is
+    set by building or loading the model, the same for every method)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated() / 2**20
+        for _ in range(steps):
+            run()
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        with PeakRSS() as probe:
+            for _ in range(steps):
+                run()
+        before, peak = probe.start_mb, probe.peak_mb
+    return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
 
 
 def memory_by_method(module: str, args: list[str], methods, reference: str) -> dict[str, dict]:

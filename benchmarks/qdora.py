@@ -19,8 +19,8 @@ import json
 
 import torch
 
-from .common import (TARGETS, PeakRSS, environment, interleaved, memory_by_method, memory_line, patched, summarise,
-                     write_result)
+from .common import (TARGETS, environment, interleaved, memory_by_method, memory_line, patched, steps_memory,
+                     summarise, train_step, write_result)
 
 METHODS = ("dorakit_qdora", "dorakit_qlora", "peft_qdora", "peft_qlora", "peft_qdora_patched")
 R, ALPHA = 8, 16
@@ -48,15 +48,6 @@ def adapt(model, method: str):
     with patched(method):
         return peft.get_peft_model(model, peft.LoraConfig(r=R, lora_alpha=ALPHA, target_modules=TARGETS,
                                                           use_dora=use_dora))
-
-
-def step_fn(model, optimizer, ids):
-    def run():
-        model.train()
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return run
 
 
 def device_ids(batch: int, seq: int) -> torch.Tensor:
@@ -90,7 +81,7 @@ def timing(args) -> list[dict]:
             for m in ("peft_qdora", "dorakit_qdora", "peft_qdora_patched"):
                 with patched(m):
                     first[m] = models[m](input_ids=ids, labels=ids).loss.item()
-        times = interleaved({m: step_fn(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
+        times = interleaved({m: train_step(models[m], optimizers[m], ids) for m in METHODS}, args.rounds, args.warmup)
         summary = summarise(times, reference="peft_qlora")
         results.append({"batch": batch, "seq_len": seq, "methods": summary, "first_loss": first,
                         "loss_rel_diff": abs(first["dorakit_qdora"] - first["peft_qdora"]) / abs(first["peft_qdora"]),
@@ -105,25 +96,8 @@ def child(method: str, args) -> dict:
     batch, seq = args.batches[0]
     model = adapt(load_quantized(args.quant_type), method)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = device_ids(batch, seq)
-    cuda = torch.cuda.is_available()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    run = step_fn(model, optimizer, ids)
-    if cuda:
-        before = torch.cuda.memory_allocated() / 2**20
-        with patched(method):
-            for _ in range(args.steps):
-                run()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        # Sampled RSS during the steps only: the process's lifetime peak (ru_maxrss) is set by
-        # loading and quantizing the checkpoint, the same for every method.
-        with PeakRSS() as probe, patched(method):
-            for _ in range(args.steps):
-                run()
-        before, peak = probe.start_mb, probe.peak_mb
-    return {"before_mb": before, "peak_mb": peak, "increase_mb": peak - before}
+    with patched(method):
+        return steps_memory(train_step(model, optimizer, device_ids(batch, seq)), args.steps)
 
 
 def memory(args) -> list[dict]:

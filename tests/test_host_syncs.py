@@ -21,6 +21,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import dorakit
 
+from . import test_experts as _experts, test_mha as _mha
 from .conftest import EXTRA_CASES, TOY_CASES, output_of, perturb_adapters, seeded, tiny_llama
 
 # Ops that read a device value on the host (their result, or their output's size, depends on data).
@@ -83,6 +84,11 @@ CASES["dvora"] = (TOY_CASES["linear"][0], TOY_CASES["linear"][1], {"target_modul
 CASES["llama"] = (tiny_llama, _llama_ids, {"target_modules": LLAMA_TARGETS})
 CASES["llama_dropout"] = (tiny_llama, _llama_ids, {"target_modules": LLAMA_TARGETS, "lora_dropout": 0.1})
 CASES["llama_lora"] = (tiny_llama, _llama_ids, {"target_modules": LLAMA_TARGETS, "use_dora": False})
+# Issue 17's layers: expert stacks (routed, and gpt-oss's transposed layout) and nn.MultiheadAttention.
+CASES["qwen3_moe_experts"] = (lambda: _experts.build("qwen3_moe"), _experts.ids,
+                              {"target_modules": ["q_proj", "v_proj"], "target_parameters": _experts.EXPERTS})
+CASES["gpt_oss_experts"] = (lambda: _experts.build("gpt_oss"), _experts.ids, {"target_parameters": _experts.EXPERTS})
+CASES["multihead_attention"] = (_mha.build, _mha.inputs, {"target_modules": ["attn"]})
 
 
 def adapted_pair(name: str):

@@ -197,9 +197,9 @@ def generate(prompt: str, adapter: str | None = None, model: str | None = None, 
 def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["q_proj", "v_proj"]) -> None:
     """Magnitude and direction change of fine-tuned weights against the base (the DoRA paper's Fig. 2).
 
-    Writes OUT/analysis.csv (checkpoint, method, step, layer, module, name, delta_m, delta_d: one row per
-    weight matrix per checkpoint), OUT/analysis.json (correlation of delta_d with delta_m per method and
-    module) and OUT/analysis.png (the scatter per method with a fitted line).
+    Writes OUT/analysis.csv (checkpoint, method, step, layer, module, name, delta_m, delta_d, expert: one
+    row per weight matrix, or per expert of a stack, per checkpoint), OUT/analysis.json (correlation of
+    delta_d with delta_m per method and module) and OUT/analysis.png (the scatter per method with a fitted line).
 
     Args:
         base: The pre-trained model directory the checkpoints started from.
@@ -207,7 +207,8 @@ def analyze(base: str, checkpoints: list[str], out: str, modules: list[str] = ["
             directories, or full fine-tuned model directories.
         out: Output directory.
         modules: Module names whose weights are analysed (the paper: query and value projections;
-            BERT-style models call them query and value).
+            BERT-style models call them query and value). Expert stacks of a mixture-of-experts model
+            are named by parameter (gate_up_proj, down_proj) and analysed expert by expert.
     """
     from .analysis.decomposition import analyse
     from .analysis.report import write_report

@@ -36,6 +36,9 @@ class DoraConfig:
     # a regex string matched against the full path, or "all-linear" (every Linear/Conv1D but the output head).
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None  # same matching rules; wins over target_modules
+    # Parameters adapted directly (PEFT's field), e.g. ["mlp.experts.gate_up_proj"]: a name matches a
+    # parameter path or its dotted suffix. 2-D ([out, in]) and 3-D (a stack of experts) parameters.
+    target_parameters: list[str] | None = None
     use_dora: bool = True  # False gives plain LoRA through the same code: the baseline
     use_rslora: bool = False  # s = lora_alpha / sqrt(r) (rank-stabilised LoRA)
     fan_in_fan_out: bool = False  # weights stored [in, out]; decided per module type anyway, with a warning
@@ -72,6 +75,7 @@ class DoraConfig:
             raise ValueError(f"bias must be one of {BIAS_MODES}, got {self.bias!r}.")
         self.target_modules = _name_list_or_regex(self.target_modules, "target_modules")
         self.exclude_modules = _name_list_or_regex(self.exclude_modules, "exclude_modules")
+        self.target_parameters = _parameter_names(self.target_parameters, self.direction)
         if self.modules_to_save is not None:
             if isinstance(self.modules_to_save, str):
                 raise ValueError(f"modules_to_save must be a list of names, e.g. [{self.modules_to_save!r}].")
@@ -130,6 +134,26 @@ def _check_regex(pattern: str, field_name: str) -> None:
         re.compile(pattern)
     except re.error as err:
         raise ValueError(f"{field_name} key {pattern!r} is not a valid regular expression: {err}.") from None
+
+
+def _parameter_names(value: Any, direction: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str) or not all(isinstance(n, str) and n for n in _as_list(value)):
+        raise ValueError(
+            f"target_parameters must be a list of parameter names, e.g. ['mlp.experts.gate_up_proj'], got {value!r} "
+            "(PEFT matches them by name, never as a regex)."
+        )
+    if direction == "vera" and value:
+        raise ValueError("target_parameters take LoRA's direction update; remove them or use direction='lora'.")
+    return list(value)
+
+
+def _as_list(value: Any) -> list:
+    try:
+        return list(value)
+    except TypeError:
+        return [None]
 
 
 def _name_list_or_regex(value: Any, field_name: str) -> list[str] | str | None:

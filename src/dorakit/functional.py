@@ -85,17 +85,20 @@ class RowTerms(NamedTuple):
 def _base_products(
     weight_rows: Tensor, a: Tensor, base_sq: Tensor | None, chunk_elements: int | None, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """W0 @ A^T ([out, r]) and ||W0_i||^2 ([out], unless given), reading W0 in bounded chunks."""
-    out_features, in_features = weight_rows.shape
+    """W0 @ A^T ([out, r]) and ||W0_i||^2 ([out], unless given), reading W0 in bounded chunks of rows.
+    Leading batch dimensions (a stack of experts: [E, out, in] with A [E, r, in]) pass through; the
+    chunk bound then applies per batch entry (``functional_experts`` sizes its groups for that)."""
+    out_features, in_features = weight_rows.shape[-2:]
     wa_parts, sq_parts = [], []
     for rows in row_chunks(out_features, in_features, chunk_elements):
-        chunk = weight_rows[rows].to(dtype)  # [rows, in]; a view when the base is already in it
-        wa_parts.append(chunk @ a.T)  # [rows, r]
+        # [..., rows, in]; a view when the base is already in it (row readers of quantized layers take a plain slice)
+        chunk = (weight_rows[rows] if len(weight_rows.shape) == 2 else weight_rows[..., rows, :]).to(dtype)
+        wa_parts.append(chunk @ a.mT)  # [..., rows, r]
         if base_sq is None:
-            sq_parts.append(torch.linalg.vector_norm(chunk, dim=1).square())
-    wa = wa_parts[0] if len(wa_parts) == 1 else torch.cat(wa_parts)
+            sq_parts.append(torch.linalg.vector_norm(chunk, dim=-1).square())
+    wa = wa_parts[0] if len(wa_parts) == 1 else torch.cat(wa_parts, dim=-2)
     if base_sq is None:
-        base_sq = sq_parts[0] if len(sq_parts) == 1 else torch.cat(sq_parts)
+        base_sq = sq_parts[0] if len(sq_parts) == 1 else torch.cat(sq_parts, dim=-1)
     return wa, base_sq.to(dtype)
 
 

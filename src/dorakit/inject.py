@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from .config import DoraConfig, pattern_key
-from .layers import AdapterLayer, VeraProjection, check_vera_target, default_adapter_dtype, is_conv1d, wrap_module
+from .layers import (AdapterLayer, ParameterAdapter, VeraProjection, check_vera_target, default_adapter_dtype,
+                     is_conv1d, wrap_module)
 from .modules_to_save import ModulesToSave
-from .targets import find_modules_to_save, find_targets
+from .targets import find_modules_to_save, find_parameter_targets, find_targets
 
 # Attributes set on the root module by inject_adapters.
 CONFIG_ATTR = "dorakit_config"
@@ -80,6 +81,7 @@ def inject_adapters(
             "Call dorakit.unload(model) or dorakit.merge_and_unload(model) before injecting again."
         )
     targets = find_targets(model, config)
+    parameter_targets = find_parameter_targets(model, config, targets)
     save_paths = find_modules_to_save(model, config)
     projection = shared_projection(model, targets, config, adapter_dtype) if config.direction == "vera" else None
     wrappers = {
@@ -100,19 +102,43 @@ def inject_adapters(
         )
         for path in targets
     }
+    parameter_wrappers = {path: wrap_parameters(model.get_submodule(path), path, names, config, adapter_dtype)
+                          for path, names in parameter_targets.items()}
     copies = {path: ModulesToSave(model.get_submodule(path)) for path in save_paths}
-    _warn_unused_patterns(config, targets)
+    _warn_unused_patterns(config, targets + [f"{p}.{n}" for p, names in parameter_targets.items() for n in names])
 
-    # From here on nothing can fail: change the model.
+    # From here on nothing can fail: change the model. Modules first, then the parameter adapters, which
+    # wrap the module objects holding the parameters (and whatever was put into them).
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    for path, new in {**wrappers, **copies}.items():
+    for path, new in {**wrappers, **copies, **parameter_wrappers}.items():
         replace_module(model, path, new)
+        install = getattr(new, "install", None)
+        if install is not None:
+            install()  # an adapter with parts inside its module (MultiheadAttention's out_proj)
     _freeze_all_but_adapters(model, config.bias)
     setattr(model, _FLAGS_ATTR, flags)
     setattr(model, CONFIG_ATTR, config)
     for hook in ADAPTER_HOOKS:
         hook(model)
     return model
+
+
+def wrap_parameters(module: nn.Module, path: str, names: list[str], config: DoraConfig,
+                    adapter_dtype: torch.dtype | None = None) -> ParameterAdapter:
+    """Adapters for parameters ``names`` of ``module`` (at ``path``), nested in that order as PEFT nests
+    its ParamWrappers: the last one is outermost. Rank and alpha patterns match the parameter's path."""
+    if getattr(config, "magnitude_axis", "out") != "out":
+        raise ValueError(f"magnitude_axis={config.magnitude_axis!r} does not apply to target_parameters: parameter "
+                         "adapters (expert stacks included) keep one magnitude per output row. Use the default axis.")
+    wrapped = module
+    for name in names:
+        key = f"{path}.{name}"
+        wrapped = ParameterAdapter(
+            wrapped, parameter_name=name, r=config.rank_for(key), lora_alpha=config.alpha_for(key),
+            lora_dropout=config.lora_dropout, use_dora=config.use_dora, use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights, adapter_dtype=adapter_dtype,
+        )
+    return wrapped
 
 
 def shared_projection(
@@ -164,7 +190,9 @@ def _freeze_all_but_adapters(model: nn.Module, bias: str) -> None:
 
 
 def _take_out(model: nn.Module, merge: bool) -> nn.Module:
-    for path, layer in adapter_layers(model):
+    # Innermost first: an adapter nested in another (parameter adapters of one module, the out_proj of a
+    # MultiheadAttention) is taken out of its parent before the parent itself.
+    for path, layer in reversed(adapter_layers(model)):
         if merge:
             replace_module(model, path, layer.merged_base())
         else:
@@ -203,7 +231,7 @@ def refuse_tied_adapted_weights(model: nn.Module) -> None:
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     for path, layer in layers.items():
-        names = owners.get(id(layer.base_layer.weight), [])
+        names = owners.get(id(layer.base_weight()), [])
         others = [n for n in names if not n.startswith(f"{path}.")]
         if others:
             raise ValueError(

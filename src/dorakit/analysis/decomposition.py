@@ -12,6 +12,9 @@ paper reports the correlation of delta_d with delta_m over layers and checkpoint
 -0.62, DoRA -0.31, LoRA +0.83 (query matrices of VL-BART).
 
     dorakit analyze --base MODEL_DIR --checkpoints run/checkpoints/step-* --out analysis/
+
+A mixture-of-experts layer's stacks (``--modules gate_up_proj down_proj``: 3-D parameters) are analysed
+expert by expert: one row per expert, each its own [out, in] weight (issue 17).
 """
 
 from __future__ import annotations
@@ -77,6 +80,7 @@ class Row:
     name: str
     delta_m: float
     delta_d: float
+    expert: int | None = None  # the expert of a 3-D stack; None for an ordinary weight
 
     def as_dict(self) -> dict:
         return self.__dict__.copy()
@@ -87,11 +91,15 @@ IN_OUT_TYPES = frozenset({"gpt2", "gpt_bigcode", "imagegpt"})
 
 
 class Weights:
-    """Tensors of a transformers checkpoint directory, read one at a time (no model is built)."""
+    """Tensors of a transformers checkpoint directory, read one at a time (no model is built); or, given
+    ``model`` (loaded from it), that model's tensors under their in-memory names."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, model: torch.nn.Module | None = None) -> None:
+        self.state = None if model is None else model.state_dict()
         index = directory / "model.safetensors.index.json"
-        if index.is_file():
+        if self.state is not None:
+            self.files = dict.fromkeys(self.state, "")
+        elif index.is_file():
             self.files = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
         elif (directory / "model.safetensors").is_file():
             from safetensors import safe_open
@@ -107,6 +115,8 @@ class Weights:
         self.in_out = model_type in IN_OUT_TYPES
 
     def get(self, key: str) -> Tensor:
+        if self.state is not None:
+            return self.state[key]
         from safetensors import safe_open
 
         with safe_open(str(self.directory / self.files[key]), "pt") as handle:
@@ -124,6 +134,59 @@ class Weights:
     def rows(self, key: str) -> Tensor:
         weight = self.get(key)
         return weight.t() if self.in_out else weight  # (out, in)
+
+
+class ExpertLayout:
+    """For a mixture-of-experts base, its expert stacks as transformers holds them in memory: checkpoints
+    store them in another layout (Qwen3-MoE and Mixtral one 2-D weight per expert, Mixtral under other
+    names) that only transformers' loader converts, so such a base and full fine-tuned checkpoints of it
+    are loaded whole with ``from_pretrained``."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+
+    @classmethod
+    def of(cls, directory: Path, modules) -> ExpertLayout | None:
+        """The layout when the model in ``directory`` has 3-D parameters named in ``modules``, else None."""
+        if not (directory / "config.json").is_file():
+            return None
+        config, architecture = _architecture(directory)
+        with torch.device("meta"):
+            skeleton = architecture._from_config(config)  # the modules and shapes, no weights allocated
+        if not any(p.dim() == 3 and name.split(".")[-1] in modules for name, p in skeleton.named_parameters()):
+            return None
+        return cls(load_model(directory))
+
+    def stack_rows(self, stack: Tensor, key: str) -> Tensor:
+        """A stack as [E, out, in] (transformers' is_transposed flag: stored [E, in, out])."""
+        module = self.model.get_submodule(key.rpartition(".")[0])
+        return stack.transpose(1, 2) if getattr(module, "is_transposed", False) else stack
+
+    def adapter_prefixes(self, config) -> dict[str, str]:
+        """{parameter path: its adapter's module path} for a config's target_parameters (PEFT's nesting)."""
+        from ..formats.keys import nested_adapter_paths
+        from ..targets import find_parameter_targets
+
+        out = {}
+        for module, names in find_parameter_targets(self.model, config).items():
+            out.update({f"{module}.{name}": path for name, path in nested_adapter_paths(module, names).items()})
+        return out
+
+
+def _architecture(directory: Path):
+    """(config, model class) of a checkpoint: its recorded architecture, else transformers' AutoModel."""
+    from ..integrations.transformers import require_transformers
+
+    transformers = require_transformers()
+    config = transformers.AutoConfig.from_pretrained(directory)
+    names = getattr(config, "architectures", None) or []
+    return config, (getattr(transformers, names[0], None) if names else None) or transformers.AutoModel
+
+
+def load_model(directory: Path) -> torch.nn.Module:
+    """The checkpoint as its recorded architecture, in its stored dtype (for in-memory expert stacks)."""
+    _, cls = _architecture(directory)
+    return cls.from_pretrained(directory, dtype="auto").eval()
 
 
 def same_module(a: str, b: str) -> bool:
@@ -147,7 +210,7 @@ def is_adapter_dir(path: Path) -> bool:
 class AdapterSource:
     """An adapter directory, read once: its config and tensors, and the module each entry adapts."""
 
-    def __init__(self, directory: Path, analysed: list[str]) -> None:
+    def __init__(self, directory: Path, analysed: list[str], layout: ExpertLayout | None = None) -> None:
         from ..formats.peft import read_adapter_config, read_adapter_tensors
 
         self.config = read_adapter_config(directory)
@@ -157,6 +220,11 @@ class AdapterSource:
         suffix = ".vera_lambda_d" if self.vera else ".lora_A.weight"
         self.prefixes = {k[len(PEFT_PREFIX): -len(suffix)]: k[: -len(suffix)] for k in tensors if k.endswith(suffix)
                          if any(same_module(k[len(PEFT_PREFIX): -len(suffix)], p) for p in analysed)}
+        if self.config.target_parameters and layout is not None:  # expert stacks are analysed too
+            stacks = {param: PEFT_PREFIX + path for param, path in layout.adapter_prefixes(self.config).items()}
+            self.prefixes = {m: p for m, p in self.prefixes.items() if p not in stacks.values()}
+            self.prefixes.update({param: prefix for param, prefix in stacks.items()
+                                  if any(same_module(param, a) for a in analysed)})
         # Only the analysed modules' tensors are kept: many checkpoints are open at once.
         self.tensors = {k: v for k, v in tensors.items() if any(k.startswith(p + ".") for p in self.prefixes.values())}
         if self.vera:
@@ -177,9 +245,10 @@ class AdapterSource:
                 folded_B(self.tensors[PROJECTION_KEYS["vera_B"]], lambda_b))
 
     @torch.no_grad()
-    def rows(self, base_rows: Tensor, path: str) -> Tensor:
-        """The rows this adapter computes with for module ``path``: its merge into a copy of the base
-        (the layers' own merge), or the base rows when it does not adapt that module."""
+    def rows(self, base_rows: Tensor, path: str, expert: int | None = None, experts: int = 1) -> Tensor:
+        """The rows this adapter computes with for module ``path`` (or expert ``expert`` of the
+        ``experts`` in stack ``path``): its merge into a copy of the base (the layers' own merge), or
+        the base rows when it does not adapt that module."""
         from ..functional import lora_scaling, merge_rows_
 
         module = next((m for m in self.prefixes if same_module(m, path)), None)
@@ -188,6 +257,10 @@ class AdapterSource:
         prefix, config = self.prefixes[module], self.config
         lora_a, lora_b = self.factors(prefix, *base_rows.shape)
         magnitude = self.tensors.get(f"{prefix}.lora_magnitude_vector") if config.use_dora else None
+        if expert is not None:  # PEFT's layout: A [E*r, in] as [E, r, in], B [out, E*r] as [out, r, E]
+            lora_a = lora_a.reshape(experts, -1, lora_a.shape[-1])[expert]
+            lora_b = lora_b.reshape(lora_b.shape[0], -1, experts)[:, :, expert]
+            magnitude = None if magnitude is None else magnitude[expert]
         if config.use_dora and magnitude is None:
             raise ValueError(f"The DoRA adapter has no magnitude for {module}; it cannot be analysed (or loaded) correctly.")
         rows = base_rows.float().clone()
@@ -201,21 +274,28 @@ class FullSource:
 
     method = "full"
 
-    def __init__(self, directory: Path) -> None:
-        self.weights = Weights(directory)
+    def __init__(self, directory: Path, layout: ExpertLayout | None = None) -> None:
+        self.weights = Weights(directory, load_model(directory) if layout is not None else None)
+        self.layout = layout
+        self._stack: tuple[str, Tensor] | None = None
 
-    def rows(self, base_rows: Tensor, path: str) -> Tensor:
-        return self.weights.rows(self.weights.find(f"{path}.weight"))
+    def rows(self, base_rows: Tensor, path: str, expert: int | None = None, experts: int = 1) -> Tensor:
+        if expert is None:
+            return self.weights.rows(self.weights.find(f"{path}.weight"))
+        key = self.weights.find(path)
+        if self._stack is None or self._stack[0] != key:  # one stack kept: experts are read in a row
+            self._stack = (key, self.layout.stack_rows(self.weights.get(key), key))
+        return self._stack[1][expert]
 
 
-def open_checkpoint(checkpoint: Path, analysed: list[str]) -> AdapterSource | FullSource:
+def open_checkpoint(checkpoint: Path, analysed: list[str], layout: ExpertLayout | None = None) -> AdapterSource | FullSource:
     if not checkpoint.is_dir():
         raise FileNotFoundError(f"Checkpoint {checkpoint} is not a directory.")
     source = checkpoint
     for inner in ("adapter", "model"):  # a dorakit run or checkpoint directory
         if not is_adapter_dir(source) and (checkpoint / inner).is_dir():
             source = checkpoint / inner
-    return AdapterSource(source, analysed) if is_adapter_dir(source) else FullSource(source)
+    return AdapterSource(source, analysed, layout) if is_adapter_dir(source) else FullSource(source, layout)
 
 
 def analyse(base: str | Path, checkpoints: list[str | Path], modules: list[str] = DEFAULT_MODULES) -> list[Row]:
@@ -225,20 +305,30 @@ def analyse(base: str | Path, checkpoints: list[str | Path], modules: list[str] 
     same merge the layers use), dorakit checkpoint directories (their adapter or model), or full
     fine-tuned model directories. Each base weight is read once, and only the analysed tensors are read.
     """
-    weights = Weights(Path(base))
+    layout = ExpertLayout.of(Path(base), modules)
+    weights = Weights(Path(base), None if layout is None else layout.model)
     keys = [k for k in weights.files if k.endswith(".weight") and k.split(".")[-2] in modules]
-    if not keys:
+    stacks = [k for k in weights.files if layout is not None and k.split(".")[-1] in modules and weights.get(k).dim() == 3]
+    if not keys and not stacks:
         names = sorted({k.split(".")[-2] for k in weights.files if k.endswith(".weight") and "." in k})
         raise ValueError(f"The base model has no weight named {list(modules)}; pass --modules with names it has: "
                          f"{', '.join(names[:12])}.")
     paths = list(map(Path, checkpoints))
-    sources = [open_checkpoint(p, [k[: -len(".weight")] for k in keys]) for p in paths]
+    analysed = [k[: -len(".weight")] for k in keys] + stacks
+    sources = [open_checkpoint(p, analysed, layout) for p in paths]
     steps = [checkpoint_step(p) for p in paths]
     rows: list[list[Row]] = [[] for _ in paths]
-    for key in keys:
-        path = key[: -len(".weight")]
-        base_rows = weights.rows(key)
-        for i, source in enumerate(sources):
-            dm, dd = decomposition_change(base_rows, source.rows(base_rows, path))
-            rows[i].append(Row(str(paths[i]), source.method, steps[i], layer_index(path), path.split(".")[-1], path, dm, dd))
+    for key in keys + stacks:
+        path = key[: -len(".weight")] if key in keys else key
+        if key in keys:
+            parts = [(None, weights.rows(key))]
+        else:
+            stack = layout.stack_rows(weights.get(key), key)  # [E, out, in]
+            parts = [(e, stack[e]) for e in range(stack.shape[0])]
+        for expert, base_rows in parts:
+            count = 1 if expert is None else len(parts)
+            for i, source in enumerate(sources):
+                dm, dd = decomposition_change(base_rows, source.rows(base_rows, path, expert, count))
+                rows[i].append(Row(str(paths[i]), source.method, steps[i], layer_index(path), path.split(".")[-1],
+                                   path, dm, dd, expert))
     return [row for per_checkpoint in rows for row in per_checkpoint]

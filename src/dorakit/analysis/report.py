@@ -11,7 +11,7 @@ from .. import atomic
 from .decomposition import Row
 from ..figures import pyplot, save_png
 
-COLUMNS = ["checkpoint", "method", "step", "layer", "module", "name", "delta_m", "delta_d"]
+COLUMNS = ["checkpoint", "method", "step", "layer", "module", "name", "delta_m", "delta_d", "expert"]
 
 
 def pearson(xs: list[float], ys: list[float]) -> float | None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from ..layers.experts import ParameterAdapter, describe_expert_mismatch
+
 PEFT_PREFIX = "base_model.model."
 COPY_PART = "modules_to_save"  # ModulesToSave's trainable copy
 
@@ -190,3 +192,26 @@ def component_of_class(class_name: str) -> str | None:
     if class_name.startswith(("CLIPText", "T5Encoder", "UMT5Encoder")):
         return "text_encoder"
     return None
+
+
+def nested_adapter_paths(module_path: str, names: list[str]) -> dict[str, str]:
+    """Where the adapters of parameters ``names`` of the module at ``module_path`` live, as PEFT nests its
+    ParamWrappers (and ``inject_adapters`` does): the last-registered parameter's adapter is outermost,
+    at ``module_path``; each earlier one a ``.base_layer`` deeper."""
+    return {name: module_path + ".base_layer" * (len(names) - 1 - i) for i, name in enumerate(names)}
+
+
+def expert_count_mismatches(model: nn.Module, given: dict[str, Tensor]) -> list[str]:
+    """Messages for file tensors (keyed as ``model.state_dict()``) of expert adapters that were made for
+    another number of experts: the shape alone would only say "mismatch"."""
+    messages = []
+    for path, layer in model.named_modules():
+        if not isinstance(layer, ParameterAdapter):
+            continue
+        for name in ("lora_magnitude_vector", "lora_A.weight", "lora_B.weight"):
+            value = given.get(f"{path}.{name}")
+            message = None if value is None else describe_expert_mismatch(layer, name, tuple(value.shape))
+            if message is not None:
+                messages.append(f"{to_peft_key(f'{path}.{name}')}: {message}")
+                break
+    return messages

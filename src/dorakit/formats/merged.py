@@ -60,15 +60,16 @@ def merged_state_dict(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Te
         if plain is not None:
             state[plain] = value
     norms: dict[str, Tensor] = {}
+    keys = {id(v): k for k, v in model.state_dict(keep_vars=True).items()}
     for path, layer in layers.items():
         if layer.merged:
-            weight = layer.base_layer.weight.detach()
+            weight = layer.base_weight().detach()
             layer_norms = layer.merged_row_norms()
         else:
-            weight = layer.base_layer.weight.detach().clone()
+            weight = layer.base_weight().detach().clone()
             layer_norms = {name: v.float() for name, v in layer.merge_into(weight).items()}
         refuse_non_finite(path, weight, layer)
-        state[f"{path}.weight"] = weight
+        state[_plain_key(keys[id(layer.base_weight())], layers, copies)] = weight  # "<path>.weight", an expert stack's name
         norms.update({f"{path}.{name}": v for name, v in layer_norms.items()})
     return state, norms
 
@@ -175,9 +176,9 @@ def _plain_key(key: str, layers: dict[str, nn.Module], copies: set[str]) -> str 
             return f"{path}.{key[len(path) + len('.modules_to_save.'):]}"
     if is_adapter_key(key):
         return None
-    for path in layers:
+    for path in sorted(layers, key=len, reverse=True):  # nested adapters (experts, attention): innermost first
         if key.startswith(f"{path}.base_layer."):
-            return f"{path}.{key[len(path) + len('.base_layer.'):]}"
+            key = f"{path}.{key[len(path) + len('.base_layer.'):]}"
     return key
 
 

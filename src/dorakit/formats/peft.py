@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .. import atomic
 from ..config import DoraConfig
 from ..inject import CONFIG_ATTR, inject_adapters, unload
-from .keys import PEFT_PREFIX, PROJECTION_KEYS, adapter_state_dict, from_peft_key, to_peft_key
+from .keys import PEFT_PREFIX, PROJECTION_KEYS, adapter_state_dict, expert_count_mismatches, from_peft_key, to_peft_key
 from ..layers import VeraProjection
 from ..modules_to_save import ModulesToSave
 from .peft_config import from_peft_dict, hub_name, to_peft_dict
@@ -195,7 +195,11 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, Tensor], source: s
         for k, v in sorted(given.items())
         if tuple(v.shape) != tuple(model_state[k].shape)
     ]
-    problems = _missing_problems(missing, expected)
+    problems = []
+    experts = expert_count_mismatches(model, given)  # says more than the shape mismatch below
+    if experts:
+        problems.append(f"{len(experts)} expert adapter(s) for another number of experts: {_first(experts)}")
+    problems += _missing_problems(missing, expected)
     if unexpected:
         problems.append(f"{len(unexpected)} unexpected tensor(s): {_first(sorted(unexpected))}")
     if mismatched:
@@ -251,7 +255,10 @@ def check_ranks(config: DoraConfig, tensors: dict[str, Tensor], source: str) -> 
         found += 1
         path = key[len(PEFT_PREFIX): -len(suffix)]
         rank = config.r if config.direction == "vera" else config.rank_for(path)
-        if value.shape[0] != rank:
+        # An expert stack's lora_A is [E·r, in] (PEFT's ParamWrapper layout, issue 17): a multiple of the
+        # rank here; the expert count itself is checked against the model when the tensors are loaded.
+        experts = bool(config.target_parameters) and value.shape[0] % rank == 0 and suffix == ".lora_A.weight"
+        if value.shape[0] != rank and not experts:
             raise ValueError(f"{source}: {CONFIG_NAME} gives rank {rank} for '{path}', but {WEIGHTS_NAME} holds "
                              f"{first_dim[suffix]} {list(value.shape)} (rank {value.shape[0]}): the config and the "
                              "weights do not belong together. Save the adapter again.")

@@ -97,7 +97,7 @@ VERA_BIAS = {"none": "none", "all": "all", "lora_only": "vera_only"}
 SHARED_FIELDS = (
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_dora", "use_rslora",
     "fan_in_fan_out", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save", "bias",
-    "task_type", "base_model_name_or_path",
+    "task_type", "base_model_name_or_path", "target_parameters",
 )
 # Fields that only steer how PEFT initialises a new adapter: irrelevant once weights are loaded.
 INIT_ONLY_FIELDS = {"eva_config", "corda_config", "loftq_config", "lora_ga_config", "kasa_config", "megatron_core",
@@ -146,6 +146,9 @@ def to_peft_dict(config: DoraConfig, model: nn.Module | None = None) -> dict[str
         out = copy.deepcopy(PEFT_LORA_FIELDS)
         for name in SHARED_FIELDS:
             out[name] = copy.deepcopy(getattr(config, name))
+        if config.target_modules is None and config.target_parameters:
+            # PEFT fills an unset target_modules with its defaults for the architecture; [] means "parameters only".
+            out["target_modules"] = []
     if out["base_model_name_or_path"] is None and model is not None:
         out["base_model_name_or_path"] = base_model_name(model)
     if config.task_type is None and model is not None:
@@ -222,7 +225,8 @@ def from_peft_dict(data: Any, source: str = "adapter_config.json") -> DoraConfig
             f"{source} has peft_type={peft_type!r}; dorakit reads LoRA/DoRA (peft_type 'LORA') and VeRA/DVoRA "
             "(peft_type 'VERA') adapters."
         )
-    missing = [name for name in ("r", "lora_alpha", "target_modules") if data.get(name) is None]
+    required = ("r", "lora_alpha") if data.get("target_parameters") else ("r", "lora_alpha", "target_modules")
+    missing = [name for name in required if data.get(name) is None]
     if missing:
         raise ValueError(f"{source} lacks the required field(s) {missing}.")
     unsupported = {

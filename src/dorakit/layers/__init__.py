@@ -10,7 +10,9 @@ from .base import AdapterLayer, default_adapter_dtype
 from .conv import Conv
 from .embedding import Embedding
 from .input_axis import InputAxisConv, InputAxisLinear, input_axis_class
+from .experts import ParameterAdapter, parameter_owner
 from .linear import Linear, is_conv1d
+from .mha import MultiheadAttention
 from .quantized import QuantizedLinear, is_quantized_linear
 from .vera import VeraLinear, VeraProjection
 
@@ -24,11 +26,12 @@ def check_vera_target(module: nn.Module, name: str) -> None:
 
 
 SUPPORTED_TYPES = ("torch.nn.Linear, transformers' Conv1D, torch.nn.Embedding, torch.nn.Conv1d/Conv2d/Conv3d, "
-                   "bitsandbytes' Linear4bit/Linear8bitLt")
+                   "torch.nn.MultiheadAttention, bitsandbytes' Linear4bit/Linear8bitLt")
 
 
 def is_supported(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)) or is_conv1d(module)
+    return isinstance(module, (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)) \
+        or is_conv1d(module)
 
 
 def wrap_module(
@@ -85,11 +88,15 @@ def wrap_module(
         return Embedding(module, **kwargs)
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return Conv(module, **kwargs)
+    if isinstance(module, nn.MultiheadAttention):
+        return MultiheadAttention(module, **kwargs)
     raise ValueError(
         f"Target module{where} of type {type(module).__module__}.{type(module).__name__} is not supported. "
         f"Supported types: {SUPPORTED_TYPES}. Remove it from target_modules or add it to exclude_modules."
     )
 
 
-__all__ = ["AdapterLayer", "Conv", "Embedding", "InputAxisConv", "InputAxisLinear", "Linear", "QuantizedLinear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection",
-           "check_vera_target", "default_adapter_dtype", "is_conv1d", "is_quantized_linear", "is_supported", "wrap_module"]
+__all__ = ["AdapterLayer", "Conv", "Embedding", "InputAxisConv", "InputAxisLinear", "Linear", "MultiheadAttention",
+           "ParameterAdapter", "QuantizedLinear", "SUPPORTED_TYPES", "VeraLinear", "VeraProjection", "check_vera_target",
+           "default_adapter_dtype", "input_axis_class", "is_conv1d", "is_quantized_linear", "is_supported",
+           "parameter_owner", "wrap_module"]

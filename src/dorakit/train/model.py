@@ -13,7 +13,7 @@ from ..integrations.transformers import (check_checkpoint_dir, default_device, p
                                          require_transformers, torch_dtype)
 from ..inject import inject_adapters
 from ..layers import is_conv1d
-from ..targets import ALL_LINEAR  # every Linear/Conv1D of attention and MLP; never the output head
+from ..targets import ALL_LINEAR, expert_parameter_names  # ALL_LINEAR: every Linear/Conv1D but the output head
 from .options import TrainConfig
 
 CLASSIFIER_HEADS = ("score", "classifier")  # the new head of transformers' *ForSequenceClassification
@@ -133,12 +133,26 @@ def load_model(path: Path, task: str, dtype: str, labels: list[str] | None, quan
     return model, tokenizer
 
 
+def default_parameters(cfg: TrainConfig, model: nn.Module) -> list[str] | None:
+    """--target-parameters, or with no targets given, every expert stack of a mixture-of-experts model
+    (LoRA's direction only: VeRA's shared projections do not cover expert stacks)."""
+    if cfg.target_parameters is not None:
+        return cfg.target_parameters or None
+    if cfg.target_modules or cfg.method not in ("lora", "dora"):
+        return None
+    return expert_parameter_names(model) or None
+
+
 def adapter_config(cfg: TrainConfig, model: nn.Module, task: str, base: str) -> DoraConfig:
     heads = [n for n in CLASSIFIER_HEADS if isinstance(getattr(model, n, None), nn.Module)] if task == "classification" else []
     save = list(dict.fromkeys((cfg.modules_to_save or []) + heads))  # a fresh head must train fully
+    parameters = default_parameters(cfg, model)
+    modules = cfg.target_modules if cfg.target_modules else ALL_LINEAR
+    if cfg.target_modules == [] and cfg.target_parameters:
+        modules = []  # --target-modules given empty: the parameters only
     return DoraConfig(
         r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.target_modules if cfg.target_modules else ALL_LINEAR,
+        target_modules=modules, target_parameters=parameters,
         exclude_modules=heads or None, use_dora=cfg.method in ("dora", "dvora"), use_rslora=cfg.use_rslora,
         # VeRA's shared projections are drawn from the run's seed, so seeds vary them as they vary LoRA's A.
         direction="vera" if cfg.method in ("vera", "dvora") else "lora", projection_prng_key=cfg.seed,

@@ -71,7 +71,12 @@ class TrainConfig:
     lora_dropout: float = 0.05
     """Dropout on the adapter input."""
     target_modules: list[str] | None = None
-    """Module names to adapt. Unset: every linear projection of attention and MLP (not the output head)."""
+    """Module names to adapt. Unset: every linear projection of attention and MLP (not the output head),
+    and on a mixture-of-experts model (Qwen3-MoE, Mixtral, gpt-oss, ...) the experts too (see --target-parameters)."""
+    target_parameters: list[str] | None = None
+    """Parameters to adapt directly (PEFT's target_parameters), e.g. experts.gate_up_proj experts.down_proj.
+    Unset, with --target-modules unset too: every expert stack of a mixture-of-experts model (lora and dora;
+    none for a dense model). Given without names: none."""
     use_rslora: bool = False
     """Rank-stabilised scale s = lora_alpha / sqrt(r)."""
     modules_to_save: list[str] | None = None
