@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "src" / "dorakit"
-CORE = {"functional", "config", "fields", "targets", "inject", "layers", "atomic", "modules_to_save", "norm_cache"}
+CORE = {"functional", "functional_experts", "config", "fields", "targets", "inject", "layers", "atomic", "modules_to_save", "norm_cache"}
 WINGS = {"formats", "integrations", "analysis", "kernels", "train", "cli", "usage", "demo", "assets", "figures"}
 
 
