@@ -74,3 +74,10 @@ def test_every_page_is_in_the_site_navigation():
     pages = {p.name for p in DOCS.glob("*.md")}
     assert pages - nav == set(), "add these pages to mkdocs.yml's nav"
     assert nav - pages == set(), "mkdocs.yml's nav names pages that do not exist"
+
+
+def test_the_site_home_is_the_readme():
+    """docs/index.md is the README with its links made relative to docs/, so the two cannot drift."""
+    expected = (ROOT / "README.md").read_text(encoding="utf-8").replace("](docs/", "](")
+    assert (DOCS / "index.md").read_text(encoding="utf-8") == expected, (
+        "docs/index.md differs from README.md; regenerate it: sed 's#](docs/#](#g' README.md > docs/index.md")
