@@ -467,3 +467,32 @@ def test_compare_on_a_moe_model(tmp_path):
     assert trainable["lora"] < trainable["dora"] < trainable["full"]
     adapter = json.loads((tmp_path / "cmp" / "dora-r4-s0" / "adapter" / "adapter_config.json").read_text())
     assert adapter["target_parameters"] == EXPERTS
+
+
+@pytest.mark.parametrize("to", ["peft", "diffusers", "kohya"])
+def test_convert_refuses_parameter_adapters_and_writes_nothing(tmp_path, capsys, to):
+    """`dorakit convert` reads per-module LoRA pairs; an adapter of expert stacks converted as one
+    (found at the issue-17 merge) was written as target_modules on the experts module, which no
+    loader can adapt, and to kohya with exit 0."""
+    from dorakit.cli import main as cli_main
+
+    model = dorakit.inject_adapters(build("qwen3_moe"), dorakit.DoraConfig(r=2, target_parameters=EXPERTS))
+    dorakit.save_adapter(model, tmp_path / "adapter")
+    out = tmp_path / ("out.safetensors" if to == "kohya" else "out")
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["convert", str(tmp_path / "adapter"), "--to", to, "--component", "unet", "--out", str(out)])
+    assert exit_.value.code == 2
+    assert "target_parameters" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("save", ["save_kohya", "save_diffusers"])
+def test_community_formats_refuse_expert_adapters_and_write_nothing(tmp_path, save):
+    """kohya and diffusers files hold per-module LoRA pairs only; the expert stacks were dropped from them
+    without a word (found at the issue-17 merge), so the file loaded as another model."""
+    model = dorakit.inject_adapters(build("qwen3_moe"), dorakit.DoraConfig(r=2, target_modules=["q_proj"],
+                                                                           target_parameters=EXPERTS))
+    out = tmp_path / "file"
+    with pytest.raises(ValueError, match="target_parameters"):
+        getattr(dorakit, save)(model, out, component="unet")
+    assert not out.exists()

@@ -172,3 +172,13 @@ def test_all_linear_leaves_out_proj_of_attention_alone():
         with torch.no_grad():
             layer.lora_B.weight.normal_(0, 0.5)
         assert rel_err(model(x), before) > 1e-3, f"the adapter of {path} does not change the output"
+
+
+@pytest.mark.parametrize("save", ["save_kohya", "save_diffusers"])
+def test_community_formats_refuse_attention_adapters_and_write_nothing(tmp_path, save):
+    """No kohya or diffusers loader adapts nn.MultiheadAttention: such a file would load as another model."""
+    model = dorakit.inject_adapters(build(), dorakit.DoraConfig(r=2, target_modules=["attn", "head"]))
+    out = tmp_path / "file"
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        getattr(dorakit, save)(model, out, component="unet")
+    assert not out.exists()

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..config import DoraConfig
 from ..functional import lora_scaling
 from ..inject import CONFIG_ATTR, adapter_layers, inject_adapters, unload
-from ..layers import Conv, Embedding, VeraLinear, is_conv1d
+from ..layers import Conv, Embedding, MultiheadAttention, ParameterAdapter, VeraLinear, is_conv1d
 from ..modules_to_save import ModulesToSave
 from .keys import CLIP_TEXT_MODEL, PEFT_PREFIX, component_of_class, flattened_clip
 
@@ -86,7 +86,8 @@ def from_model(model: nn.Module) -> dict[str, LayerAdapter]:
 
     Raises:
         ValueError: parts no LoRA file layout holds (VeRA, modules_to_save, trained biases, embeddings,
-            grouped convolutions): converting would lose them.
+            grouped convolutions, parameter and expert adapters, nn.MultiheadAttention): converting would
+            lose them.
     """
     config = getattr(model, CONFIG_ATTR, None)
     if not isinstance(config, DoraConfig):
@@ -101,7 +102,11 @@ def from_model(model: nn.Module) -> dict[str, LayerAdapter]:
     prefix = CLIP_TEXT_MODEL if flattened_clip(model) else ""
     out = {}
     for path, layer in adapter_layers(model):
-        if isinstance(layer, (Embedding, VeraLinear)) or (isinstance(layer, Conv) and layer.base_layer.groups > 1):
+        if isinstance(layer, ParameterAdapter):  # issue 17: PEFT's ParamWrapper layout, no per-module pair
+            lost.append(f"'{path}' (parameter {layer.parameter_name!r}, target_parameters)")
+            continue
+        if isinstance(layer, (Embedding, VeraLinear, MultiheadAttention)) or (
+                isinstance(layer, Conv) and layer.base_layer.groups > 1):
             kind = type(layer.base_layer).__name__ + (", grouped" if isinstance(layer, Conv) else "")
             lost.append(f"'{path}' ({kind})")
             continue

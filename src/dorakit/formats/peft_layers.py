@@ -34,6 +34,9 @@ def read_peft_dir(directory: str | os.PathLike, component: str | None = None) ->
     source = str(directory)
     lost = [f"{name}={getattr(config, name)!r}" for name, default in
             (("direction", "lora"), ("bias", "none"), ("modules_to_save", None)) if getattr(config, name) != default]
+    if config.target_parameters:  # expert stacks and other parameters (issue 17): no per-module LoRA pair to convert
+        lost.append(f"target_parameters={config.target_parameters!r} (adapters of parameters such as expert stacks, "
+                    "which only PEFT's layout holds: use the directory as it is)")
     parts: dict[str, dict] = {}
     for key, value in tensors.items():
         suffix = next((s for s in SUFFIXES if key.endswith(s)), None)
