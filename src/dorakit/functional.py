@@ -192,10 +192,13 @@ def cancellation_ratio(terms: RowTerms, lora_A: Tensor, lora_B: Tensor, scaling:
 
 def grouped_cancellation_ratio(terms: RowTerms, lora_A: Tensor, lora_B: Tensor, scaling: float, group: int) -> Tensor:
     """``cancellation_ratio`` of the norms of ``group`` consecutive rows ([out / group]): the squared
-    norms and the bounds of a group's rows add up."""
+    norms and the bounds of a group's rows add up. With ``group`` 1, leading dimensions are batch
+    dimensions (a stack of experts: terms [E, out], A [E, r, in], B [E, out, r])."""
     a, b = lora_A.detach().float(), lora_B.detach().float()
-    bound = b.abs() @ torch.linalg.vector_norm(a, dim=1)  # [out]
-    size = (terms.base_sq.float().sqrt() + abs(scaling) * bound).square().reshape(-1, group).sum(dim=1)
+    bound = (b.abs() @ torch.linalg.vector_norm(a, dim=-1).unsqueeze(-1)).squeeze(-1)  # [..., out]
+    size = (terms.base_sq.float().sqrt() + abs(scaling) * bound).square()
+    if group > 1:
+        size = size.reshape(-1, group).sum(dim=1)
     sq = _squared_norm(grouped_terms(terms, group), scaling).float()
     return torch.where(size > 0, sq / size.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(sq))
 

@@ -106,21 +106,11 @@ def expert_row_norm(
                 [1.0000e-12]])
     """
     terms = expert_row_terms(weight_rows, lora_A, lora_B, base_sq=base_sq, chunk_elements=chunk_elements)
-    sq = terms.base_sq + (2.0 * scaling) * terms.cross + (scaling * scaling) * terms.quad  # [E, out]
-    ratio = _cancellation_ratio(terms, lora_A, lora_B, scaling, sq)
+    sq = F_dora._squared_norm(terms, scaling)  # [E, out]
+    ratio = F_dora.cancellation_ratio(terms, lora_A, lora_B, scaling)  # [E, out]
     worst = torch.topk(ratio, min(EXACT_ROWS, sq.shape[1]), dim=1, largest=False, sorted=False).indices  # [E, k]
     exact = _exact_rows(weight_rows, lora_A, lora_B, scaling, worst, chunk_elements)
     return sq.scatter(1, worst, exact.to(sq.dtype)).clamp_min_(NORM_EPS * NORM_EPS).sqrt_()
-
-
-def _cancellation_ratio(terms: RowTerms, lora_A: Tensor, lora_B: Tensor, scaling: float, sq: Tensor) -> Tensor:
-    """``functional.cancellation_ratio`` for every expert ([E, out]): the squared norm over its bound
-    (||W_e,i|| + |s| sum_k |B_e,ik| ||A_e,k||)^2; near 0 where the factored terms cancelled."""
-    a, b = lora_A.detach().float(), lora_B.detach().float()
-    bound = (b.abs() @ torch.linalg.vector_norm(a, dim=2).unsqueeze(2)).squeeze(2)  # [E, out]
-    size = (terms.base_sq.float().sqrt() + abs(scaling) * bound).square()
-    sq = sq.float()
-    return torch.where(size > 0, sq / size.clamp_min(torch.finfo(torch.float32).tiny), torch.ones_like(sq))
 
 
 def _exact_rows(weight_rows: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, rows: Tensor,

@@ -258,11 +258,19 @@ def _forward(original, holder_cls, fan_in_fan_out):
     return forward
 
 
-def _merge_safe(original, holder_cls, fan_in_fan_out):
-    def merge_safe(module, active_adapter, orig_weight):
-        merged = peft_merge.merged_copy(module, active_adapter, orig_weight)
-        return original(module, active_adapter, orig_weight) if merged is None else merged
-    return merge_safe
+def _returning_copy(name: str):
+    """merge_safe and unmerge: dorakit's new weight (``peft_merge.<name>``), or PEFT's own method where
+    dorakit does not cover the layer (it returns None then)."""
+    def replacement(original, holder_cls, fan_in_fan_out):
+        def method(module, active_adapter, orig_weight):
+            weight = getattr(peft_merge, name)(module, active_adapter, orig_weight)
+            return original(module, active_adapter, orig_weight) if weight is None else weight
+        return method
+    return replacement
+
+
+_merge_safe = _returning_copy("merged_copy")
+_unmerge = _returning_copy("unmerged_copy")
 
 
 def _merge_unsafe(original, holder_cls, fan_in_fan_out):
@@ -270,13 +278,6 @@ def _merge_unsafe(original, holder_cls, fan_in_fan_out):
         if not peft_merge.merge_in_place(module, active_adapter, orig_weight):
             original(module, active_adapter, orig_weight)
     return merge_unsafe
-
-
-def _unmerge(original, holder_cls, fan_in_fan_out):
-    def unmerge(module, active_adapter, orig_weight):
-        unmerged = peft_merge.unmerged_copy(module, active_adapter, orig_weight)
-        return original(module, active_adapter, orig_weight) if unmerged is None else unmerged
-    return unmerge
 
 
 def _bnb_4bit_forward(original, dora_variants: tuple[type, ...]):

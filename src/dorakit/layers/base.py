@@ -381,10 +381,17 @@ class AdapterLayer(nn.Module):
             self._merged_norms = {name: self._check_vector(v) for name, v in given.items() if v is not None}
         self.merged = True
 
+    @property
+    def magnitude_size(self) -> int:
+        """Entries of the magnitude (and of the norms that undo a merge): one per output row."""
+        return self.out_features
+
+    norm_kind = "row"  # what one norm is taken over, for messages
+
     def _check_vector(self, v: Tensor) -> Tensor:
         v = v.detach().reshape(-1).to(device=self.base_weight().device, dtype=torch.float64)
-        if v.numel() != self.out_features:
-            raise ValueError(f"Expected {self.out_features} row norms for this layer, got {v.numel()}.")
+        if v.numel() != self.magnitude_size:
+            raise ValueError(f"Expected {self.magnitude_size} {self.norm_kind} norms for this layer, got {v.numel()}.")
         return v
 
     def extra_repr(self) -> str:

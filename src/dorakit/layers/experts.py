@@ -215,17 +215,15 @@ class ParameterAdapter(PassesAttributes, AdapterLayer):
                                         self.scaling, magnitude)
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.stacked or not self.merged:
-            return super().unmerge()
-        base_norm = self._merged_norms.get("base_row_norm")
+    def unmerge_from(self, weight: Tensor, norms: dict[str, Tensor]) -> None:
+        if not self.stacked:
+            return super().unmerge_from(weight, norms)
+        base_norm = norms.get("base_row_norm")
         F_experts.unmerge_experts_(
-            self.weight_rows(self.base_weight().detach()), self.lora_A_rows(), self.lora_B_rows(), self.scaling,
-            self.lora_magnitude_vector if self.use_dora else None, merge_norm=self._merged_norms.get("row_norm"),
+            self.weight_rows(weight), self.lora_A_rows(), self.lora_B_rows(), self.scaling,
+            self.lora_magnitude_vector if self.use_dora else None, merge_norm=norms.get("row_norm"),
             base_sq=None if base_norm is None else base_norm.square(),
         )
-        self._merged_norms = {}
-        self.merged = False
 
     def _check_vector(self, v: Tensor) -> Tensor:
         if not self.stacked:

@@ -38,6 +38,7 @@ class InputAxisMixin:
     """What changes when the magnitude indexes input columns; mixed into ``Linear`` and ``Conv``."""
 
     magnitude_axis = "in"
+    norm_kind = "column"
 
     # ---- the transposed picture --------------------------------------------------------------
     def kernel_positions(self) -> int:
@@ -118,25 +119,14 @@ class InputAxisMixin:
         return {"row_norm": F_dora.norm_from_terms(terms, self.scaling), "base_row_norm": terms.base_sq.sqrt()}
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore the base weight exactly from the norms recorded at merge time (see AdapterLayer.unmerge)."""
-        if not self.merged:
-            return
-        weight = self.base_weight().detach()
+    def unmerge_from(self, weight: Tensor, norms: dict[str, Tensor]) -> None:
+        """Undo ``merge_into`` on ``weight`` in place from the per-channel norms it returned."""
         rows = self.weight_rows(weight)
-        base_norm = self._merged_norms.get("base_row_norm")
+        base_norm = norms.get("base_row_norm")
         F_dora.unmerge_rows_(rows.T, self.lora_B_rows().T, self.lora_A_rows().T, self.scaling,
-                             self.lora_magnitude_vector, merge_norm=self._merged_norms.get("row_norm"),
+                             self.lora_magnitude_vector, merge_norm=norms.get("row_norm"),
                              base_sq=None if base_norm is None else base_norm.square(), group=self.kernel_positions())
         self._write_back(weight, rows)
-        self._merged_norms = {}
-        self.merged = False
-
-    def _check_vector(self, v: Tensor) -> Tensor:
-        v = v.detach().reshape(-1).to(device=self.base_weight().device, dtype=torch.float64)
-        if v.numel() != self.magnitude_size:
-            raise ValueError(f"Expected {self.magnitude_size} column norms for this layer, got {v.numel()}.")
-        return v
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", magnitude_axis=in"
