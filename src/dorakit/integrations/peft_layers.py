@@ -180,8 +180,8 @@ def adapter_view(peft_layer: nn.Module, adapter_name: str):
     or the reason (a str) it is not covered."""
     holder = peft_layer.lora_magnitude_vector[adapter_name]
     view = holder.__dict__.get(VIEW_ATTR)
-    if isinstance(view, _PeftAdapterView) and view.is_view_of(peft_layer, adapter_name):
-        return view
+    if isinstance(view, str) or (isinstance(view, _PeftAdapterView) and view.is_view_of(peft_layer, adapter_name)):
+        return view  # a str: the reason this layer is not covered, decided once (its type does not change)
     found = view_class(peft_layer)
     view = found if isinstance(found, str) else found(peft_layer, adapter_name)
     holder.__dict__[VIEW_ATTR] = view  # not setattr: nn.Module would register the view as a submodule

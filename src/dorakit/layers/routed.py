@@ -22,6 +22,7 @@ call reads the token count of each expert; no [E, out, in] tensor exists at any 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -42,12 +43,18 @@ def is_expert_module(module: nn.Module) -> bool:
 def routing_inputs(module: nn.Module, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor, Tensor]:
     """(hidden_states, top_k_index, top_k_weights) from a call of ``module``, whatever its forward
     names them (gpt-oss: router_indices, routing_weights)."""
-    bound = inspect.signature(module.forward).bind(*args, **kwargs)
-    values = list(bound.arguments.values())
+    bound = _forward_signature(type(module)).bind(module, *args, **kwargs)
+    values = list(bound.arguments.values())[1:]  # without self
     if len(values) < 3 or any(v is None for v in values[:3]):
         raise ValueError(f"{type(module).__name__} was called without its routing (hidden states, top-k expert "
                          "indices and weights); dorakit's expert adapters need all three.")
     return values[0], values[1], values[2]
+
+
+@functools.cache
+def _forward_signature(cls: type) -> inspect.Signature:
+    """The signature of ``cls.forward`` (self included), read once per class: every forward binds to it."""
+    return inspect.signature(cls.forward)
 
 
 def routed_experts_forward(module: nn.Module, adapters: dict, args: tuple, kwargs: dict) -> Tensor:
